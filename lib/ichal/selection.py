@@ -204,7 +204,7 @@ def cold_start_select(
     times = _check_seconds(seconds, budget_seconds)
     features = np.asarray(image_features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] != len(times):
-        raise SelectionInputError(f"image_features must be (n, d) with n = {len(times)} stacks; got {features.shape}")
+        raise SelectionInputError(f"image_features has shape {features.shape}; expected (n, d) with n = {len(times)}")
     if not np.isfinite(features).all():
         raise SelectionInputError("image_features contains NaN or infinite values")
     spread = features.std(axis=0)
@@ -230,7 +230,7 @@ def cold_start_select(
 
 
 def cheap_image_features(image_hu: np.ndarray) -> np.ndarray:
-    """Model-free features of a CT stack for cold start, shape (21,) float64.
+    """Model-free features of a CT stack for cold start, shape (22,) float64.
 
     `image_hu`: (Z, Y, X) in HU. Returns the fraction of head voxels (> -200 HU) in 16 HU bins (scalp,
     CSF, white/gray matter, acute blood 50-90 HU in 10 HU steps, calcification, bone), the head's share
