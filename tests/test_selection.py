@@ -33,7 +33,8 @@ _instances = st.integers(min_value=0, max_value=9).flatmap(
 
 def _brute_force_best(values, seconds, budget_seconds, resolution_seconds) -> float:
     # Whole steps of resolution_seconds that cover each time, and that the budget covers (exact in floats).
-    weights = [math.ceil(s / resolution_seconds) + (math.ceil(s / resolution_seconds) * resolution_seconds < s) for s in seconds]
+    weights = [math.ceil(s / resolution_seconds) for s in seconds]
+    weights = [w + (w * resolution_seconds < s) for w, s in zip(weights, seconds)]
     capacity = math.floor(budget_seconds / resolution_seconds)
     capacity -= capacity * resolution_seconds > budget_seconds
     best = 0.0
@@ -52,7 +53,8 @@ def test_knapsack_equals_brute_force_and_never_exceeds_budget(instance):
     chosen = selection.indices.tolist()
     assert len(set(chosen)) == len(chosen)
     assert math.fsum(seconds[i] for i in chosen) <= budget_seconds + 1e-9
-    assert selection.total_value == pytest.approx(_brute_force_best(values, seconds, budget_seconds, resolution_seconds), abs=1e-9)
+    best = _brute_force_best(values, seconds, budget_seconds, resolution_seconds)
+    assert selection.total_value == pytest.approx(best, abs=1e-9)
     assert selection.total_value == pytest.approx(math.fsum(values[i] for i in chosen))
     assert selection.total_seconds == pytest.approx(math.fsum(seconds[i] for i in chosen))
 

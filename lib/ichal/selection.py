@@ -53,7 +53,8 @@ def _check_values(values: np.ndarray, times: np.ndarray) -> np.ndarray:
     if not np.isfinite(scores).all():
         raise SelectionInputError("values contains NaN or infinite values")
     if (scores < 0).any():
-        raise SelectionInputError(f"values must be >= 0 (stack uncertainties); stack {int(np.argmin(scores))} has {scores.min():g}")
+        worst = int(np.argmin(scores))
+        raise SelectionInputError(f"values must be >= 0 (stack uncertainties); stack {worst} has {scores[worst]:g}")
     return scores
 
 
@@ -103,7 +104,8 @@ def knapsack_select(
     if weights[items].sum() <= capacity:
         chosen = np.concatenate([free, items])
     else:
-        chosen = np.concatenate([free, _knapsack_dp(scores[items], weights[items], capacity, max_table_bytes, items)])
+        optimum = _knapsack_dp(scores[items], weights[items], capacity, max_table_bytes, items)
+        chosen = np.concatenate([free, optimum])
     with np.errstate(divide="ignore"):
         density = np.where(times[chosen] > 0, scores[chosen] / np.maximum(times[chosen], 1e-300), np.inf)
     order = np.lexsort((chosen, -density))
@@ -204,7 +206,9 @@ def cold_start_select(
     times = _check_seconds(seconds, budget_seconds)
     features = np.asarray(image_features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] != len(times):
-        raise SelectionInputError(f"image_features has shape {features.shape}; expected (n, d) with n = {len(times)}")
+        raise SelectionInputError(
+            f"image_features has shape {features.shape}; expected (n, d) with n = {len(times)}"
+        )
     if not np.isfinite(features).all():
         raise SelectionInputError("image_features contains NaN or infinite values")
     spread = features.std(axis=0)
