@@ -1,0 +1,247 @@
+"""Detection levels (pixel, region, frame, stack) and their metrics: average precision and Dice.
+
+Kuo et al. 2018, section 2 (pixelwise predictions grouped into 3D regions, aggregated to frame and
+stack scores) and section 5 (pixel/region/frame/stack AP). Pixel AP streams through a histogram.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import digamma
+from sklearn.metrics import average_precision_score
+
+from ichal.config import DEFAULT_CONFIG
+
+# 26-connectivity in (Z, Y, X): a region continues to the next 5 mm slice through any touching voxel.
+CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)
+DEFAULT_PIXEL_AP_BINS = 2**16
+
+
+def _check_pair(prob: np.ndarray, label: np.ndarray) -> None:
+    if prob.shape != label.shape:
+        raise ValueError(f"prediction shape {prob.shape} does not match label shape {label.shape}")
+
+
+def dice(prediction: np.ndarray, label: np.ndarray) -> float:
+    """Dice 2|A n B| / (|A| + |B|) of two binary masks of equal shape; 1.0 when both are empty."""
+    _check_pair(prediction, label)
+    a, b = prediction.astype(bool), label.astype(bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def region_scores(mean_prob: np.ndarray, threshold: float = DEFAULT_CONFIG.detection_threshold
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """3D regions of a (Z, Y, X) probability map: connected components of `mean_prob >= threshold`.
+
+    Returns (components, scores): an int32 (Z, Y, X) map with 0 = background and regions 1..R, and
+    an (R,) array whose entry r-1 is the highest probability inside region r.
+    """
+    components, count = ndimage.label(mean_prob >= threshold, structure=CONNECTIVITY_3D)
+    scores = ndimage.maximum(mean_prob, components, index=np.arange(1, count + 1)) if count else []
+    return components.astype(np.int32), np.asarray(scores, dtype=np.float64)
+
+
+def frame_scores(mean_prob: np.ndarray) -> np.ndarray:
+    """(Z,) frame (slice) scores: the highest voxel probability in each slice of a (Z, Y, X) map."""
+    return mean_prob.reshape(mean_prob.shape[0], -1).max(axis=1).astype(np.float64)
+
+
+def stack_scores(mean_prob: np.ndarray) -> float:
+    """Stack score of one (Z, Y, X) probability map: the highest frame score."""
+    return float(frame_scores(mean_prob).max())
+
+
+def region_hits(mean_prob: np.ndarray, label: np.ndarray, threshold: float = DEFAULT_CONFIG.detection_threshold
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Match predicted regions to ground-truth 3D components of one stack, by descending score.
+
+    A region is a hit when it overlaps a not-yet-matched true component (it takes the one it
+    overlaps most); otherwise it is a false positive. Returns (scores (R,), hit (R,) bool,
+    number of true components).
+    """
+    _check_pair(mean_prob, label)
+    components, scores = region_scores(mean_prob, threshold)
+    truth, truth_count = ndimage.label(label.astype(bool), structure=CONNECTIVITY_3D)
+    hits = np.zeros(scores.size, dtype=bool)
+    matched = np.zeros(truth_count + 1, dtype=bool)
+    boxes = ndimage.find_objects(components)
+    for region in np.argsort(-scores, kind="stable"):
+        box = boxes[region]
+        overlap = np.bincount(truth[box][components[box] == region + 1], minlength=truth_count + 1)
+        overlap[0] = 0
+        overlap[matched] = 0
+        if overlap.any():
+            matched[int(overlap.argmax())] = True
+            hits[region] = True
+    return scores, hits, truth_count
+
+
+def detection_ap(scores: np.ndarray, hits: np.ndarray, positives: int) -> float:
+    """AP of a ranked detection list when `positives` true objects exist (some possibly never detected).
+
+    Equals scikit-learn's AP of (hits, scores) scaled by recall = hits / positives; nan without positives.
+    """
+    if positives == 0:
+        return float("nan")
+    found = int(np.sum(hits))
+    if found == 0:
+        return 0.0
+    return float(average_precision_score(np.asarray(hits, dtype=bool), scores)) * found / positives
+
+
+def _ap(targets: np.ndarray, scores: np.ndarray) -> float:
+    """scikit-learn AP, nan when there is no positive target."""
+    targets = np.asarray(targets, dtype=bool)
+    return float(average_precision_score(targets, scores)) if targets.any() else float("nan")
+
+
+def region_ap(mean_probs: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+              threshold: float = DEFAULT_CONFIG.detection_threshold) -> float:
+    """Region AP over stacks: detections pooled across stacks, recall over all true components."""
+    per_stack = [region_hits(p, l, threshold) for p, l in zip(mean_probs, labels, strict=True)]
+    scores = np.concatenate([s for s, _, _ in per_stack]) if per_stack else np.zeros(0)
+    hits = np.concatenate([h for _, h, _ in per_stack]) if per_stack else np.zeros(0, dtype=bool)
+    return detection_ap(scores, hits, sum(n for _, _, n in per_stack))
+
+
+def frame_ap(mean_probs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
+    """Frame AP: every slice of every stack, score `frame_scores`, positive when it holds any bleed voxel."""
+    for p, l in zip(mean_probs, labels, strict=True):
+        _check_pair(p, l)
+    scores = np.concatenate([frame_scores(p) for p in mean_probs])
+    targets = np.concatenate([l.reshape(l.shape[0], -1).any(axis=1) for l in labels])
+    return _ap(targets, scores)
+
+
+def stack_ap(mean_probs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
+    """Stack AP: one `stack_scores` per stack, positive when the stack holds any bleed voxel."""
+    for p, l in zip(mean_probs, labels, strict=True):
+        _check_pair(p, l)
+    return _ap(np.array([l.any() for l in labels]), np.array([stack_scores(p) for p in mean_probs]))
+
+
+@dataclass(frozen=True)
+class BinnedAP:
+    """Pixel AP from binned scores: `ap` treats each bin as tied scores (scikit-learn's convention);
+    the exact AP of the unbinned scores lies in [`lower`, `upper`] (negatives / positives first in
+    every bin), so `upper - lower` is the error bound of the binning on this data."""
+
+    ap: float
+    lower: float
+    upper: float
+
+
+class PixelAPAccumulator:
+    """Streaming pixel AP: `update(prob, label)` per stack, `result()` at the end.
+
+    Keeps two histograms of `n_bins` equal-width probability bins (16 bytes per bin), so memory does
+    not grow with the number of voxels.
+    """
+
+    def __init__(self, n_bins: int = DEFAULT_PIXEL_AP_BINS) -> None:
+        if n_bins < 1:
+            raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+        self.n_bins = n_bins
+        self.positives = np.zeros(n_bins, dtype=np.int64)
+        self.negatives = np.zeros(n_bins, dtype=np.int64)
+
+    def update(self, prob: np.ndarray, label: np.ndarray) -> None:
+        """Add voxels: `prob` in [0, 1] and binary `label` of the same shape."""
+        _check_pair(prob, label)
+        flat = np.asarray(prob, dtype=np.float64).ravel()
+        if flat.size and (not np.isfinite(flat).all() or flat.min() < 0.0 or flat.max() > 1.0):
+            raise ValueError("pixel AP needs probabilities in [0, 1]")
+        bins = np.minimum((flat * self.n_bins).astype(np.int64), self.n_bins - 1)
+        truth = np.asarray(label).ravel().astype(bool)
+        self.positives += np.bincount(bins[truth], minlength=self.n_bins)
+        self.negatives += np.bincount(bins[~truth], minlength=self.n_bins)
+
+    def result(self) -> BinnedAP:
+        """AP and its binning bounds; nan for all three when no positive voxel was seen."""
+        total_positives = int(self.positives.sum())
+        if total_positives == 0:
+            return BinnedAP(float("nan"), float("nan"), float("nan"))
+        keep = (self.positives + self.negatives) > 0
+        pos = self.positives[keep][::-1].astype(np.float64)  # descending score
+        neg = self.negatives[keep][::-1].astype(np.float64)
+        tp, fp = np.cumsum(pos), np.cumsum(neg)
+        tied = float(np.sum(pos * tp / (tp + fp))) / total_positives
+        tp_before, seen_before = tp - pos, tp + fp - pos - neg
+
+        def precision_sum(offset: np.ndarray) -> np.ndarray:
+            # sum_{j=1..p} (a + j) / (d + j) = p - (d - a) (psi(d + p + 1) - psi(d + 1)), d = offset
+            return pos - (offset - tp_before) * (digamma(offset + pos + 1.0) - digamma(offset + 1.0))
+
+        upper = float(np.sum(precision_sum(seen_before))) / total_positives
+        lower = float(np.sum(precision_sum(seen_before + neg))) / total_positives
+        return BinnedAP(ap=tied, lower=min(lower, tied), upper=max(upper, tied))
+
+
+def pixel_ap(mean_probs: Iterable[np.ndarray], labels: Iterable[np.ndarray],
+             n_bins: int = DEFAULT_PIXEL_AP_BINS) -> BinnedAP:
+    """Pixel AP over stacks, streamed through a `PixelAPAccumulator` (one stack in memory at a time)."""
+    accumulator = PixelAPAccumulator(n_bins)
+    for prob, label in zip(mean_probs, labels, strict=True):
+        accumulator.update(prob, label)
+    return accumulator.result()
+
+
+class DetectionEvaluator:
+    """All detection metrics over a test set, fed one stack at a time.
+
+    `update(mean_prob, label)` keeps only per-stack summaries (pixel histogram, region hits, frame
+    and stack scores, Dice counts); `result()` returns pixel/region/frame/stack AP, pooled Dice
+    (all voxels of all stacks) and mean Dice over stacks with a bleed.
+    """
+
+    def __init__(self, threshold: float = DEFAULT_CONFIG.detection_threshold,
+                 n_bins: int = DEFAULT_PIXEL_AP_BINS) -> None:
+        self.threshold = threshold
+        self.pixels = PixelAPAccumulator(n_bins)
+        self.region_scores: list[np.ndarray] = []
+        self.region_hits: list[np.ndarray] = []
+        self.region_truths = 0
+        self.frame_scores: list[np.ndarray] = []
+        self.frame_targets: list[np.ndarray] = []
+        self.stack_scores: list[float] = []
+        self.stack_targets: list[bool] = []
+        self.intersection = 0
+        self.mask_sum = 0
+        self.positive_stack_dice: list[float] = []
+
+    def update(self, mean_prob: np.ndarray, label: np.ndarray) -> None:
+        _check_pair(mean_prob, label)
+        truth = label.astype(bool)
+        self.pixels.update(mean_prob, truth)
+        scores, hits, count = region_hits(mean_prob, truth, self.threshold)
+        self.region_scores.append(scores)
+        self.region_hits.append(hits)
+        self.region_truths += count
+        self.frame_scores.append(frame_scores(mean_prob))
+        self.frame_targets.append(truth.reshape(truth.shape[0], -1).any(axis=1))
+        self.stack_scores.append(stack_scores(mean_prob))
+        self.stack_targets.append(bool(truth.any()))
+        predicted = mean_prob >= self.threshold
+        self.intersection += int(np.logical_and(predicted, truth).sum())
+        self.mask_sum += int(predicted.sum()) + int(truth.sum())
+        if truth.any():
+            self.positive_stack_dice.append(dice(predicted, truth))
+
+    def result(self) -> dict[str, float]:
+        pixel = self.pixels.result()
+        return {
+            "pixel_ap": pixel.ap,
+            "pixel_ap_bound": pixel.upper - pixel.lower,
+            "region_ap": detection_ap(np.concatenate(self.region_scores), np.concatenate(self.region_hits),
+                                      self.region_truths),
+            "frame_ap": _ap(np.concatenate(self.frame_targets), np.concatenate(self.frame_scores)),
+            "stack_ap": _ap(np.array(self.stack_targets), np.array(self.stack_scores)),
+            "dice": 1.0 if self.mask_sum == 0 else 2.0 * self.intersection / self.mask_sum,
+            "mean_dice_positive": float(np.mean(self.positive_stack_dice)) if self.positive_stack_dice else float("nan"),
+            "stacks": len(self.stack_scores),
+        }

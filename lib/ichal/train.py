@@ -1,0 +1,394 @@
+"""PatchFCN ensemble training: retrain from scratch or continually fine-tune on H u Q; `python -m ichal.train`.
+
+Kuo et al. 2018, section 2 (patch training, hemorrhage-rich patches oversampled, N seeds); ACFT
+(paper 001, Table 2 ACFT(HQ), Table 3: fine-tune from the previous model at 1/10 learning rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import monai
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, FocalLoss
+from torch import nn
+from tqdm import tqdm
+
+import ichal
+from ichal.config import DEFAULT_CONFIG, HUWindow, PipelineConfig
+from ichal.ensemble import (
+    EnsembleModel,
+    load_ensemble,
+    model_grid_yx,
+    predict_member_slices,
+    resample_slices,
+    save_ensemble,
+    window_channels,
+    windows_to_meta,
+)
+from ichal.io import VolumeError, check_ct_hu, check_label, read_nifti
+from ichal.metrics import dice
+from ichal.models import ModelPreset, build_network, resolve_preset
+
+MODES = ("retrain", "continual")
+LOSSES = ("dice_ce", "focal")
+# Patch centres for negative samples are redrawn until they fall inside the head (HU above this).
+BODY_MIN_HU = -300.0
+BODY_SAMPLE_TRIES = 10
+AIR_HU = -1000.0
+
+
+class TrainingCancelled(RuntimeError):
+    """`should_stop()` returned True; no model was produced and the previous one is untouched."""
+
+
+@dataclass
+class TrainItem:
+    """One labeled stack: image (Z, Y, X) in HU, label (Z, Y, X) uint8 {0, 1}, spacing (z, y, x) mm."""
+
+    id: str
+    image_hu: np.ndarray
+    label: np.ndarray
+    spacing_mm: tuple[float, float, float]
+
+
+@dataclass
+class TrainSettings:
+    """Training hyper-parameters. `spacing_mm` is the in-plane model spacing (None: median of the data).
+
+    Continual mode fine-tunes each member for `continual_iterations` (None: `iterations`) at
+    `lr * continual_lr_factor` on new stacks plus stacks it gets wrong: a stack is wrong when the
+    member's stack-level call (any voxel >= detection threshold) is wrong or, for a bleed stack, its
+    Dice is below `hard_dice_threshold`.
+    """
+
+    preset: str = "cpu_small"
+    ensemble_size: int = 4
+    iterations: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    loss: str = "dice_ce"
+    positive_fraction: float = 0.5
+    seed: int = 0
+    device: str = "cpu"
+    spacing_mm: float | None = None
+    max_rotation_deg: float = 10.0
+    hu_shift_jitter: float = 4.0
+    hu_scale_jitter: float = 0.03
+    continual_iterations: int | None = None
+    continual_lr_factor: float = 0.1
+    hard_dice_threshold: float = 0.5
+    config: PipelineConfig = field(default_factory=lambda: DEFAULT_CONFIG)
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first setting out of range."""
+        resolve_preset(self.preset)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("ensemble_size", "iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.positive_fraction <= 1.0:
+            raise ValueError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.spacing_mm is not None and not self.spacing_mm > 0:
+            raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
+
+
+@dataclass
+class _Stack:
+    """A training stack resampled to the model spacing: HU (Z, H, W) int16, label (Z, H, W) uint8."""
+
+    id: str
+    image_hu: np.ndarray
+    label: np.ndarray
+    positives: np.ndarray  # flat indices of label voxels
+
+
+def software_versions() -> dict[str, str]:
+    """Versions recorded in checkpoint metadata."""
+    return {"ichal": ichal.__version__, "torch": str(torch.__version__), "monai": str(monai.__version__),
+            "numpy": str(np.__version__), "python": platform.python_version()}
+
+
+def _validate_items(items: Sequence[TrainItem]) -> None:
+    if not items:
+        raise ValueError("no labeled stacks to train on")
+    ids = [item.id for item in items]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate stack ids in training items: {duplicates[:5]}")
+    for item in items:
+        check_ct_hu(item.image_hu, f"image {item.id!r}")
+        check_label(item.label, item.image_hu.shape, f"label of {item.id!r}")
+        spacing = tuple(float(s) for s in item.spacing_mm)
+        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise VolumeError(f"stack {item.id!r} has invalid spacing {item.spacing_mm}; expected (z, y, x) mm > 0")
+
+
+def _prepare(item: TrainItem, model_spacing_mm: float) -> _Stack:
+    """Resample one item in-plane to the model spacing (image bilinear, label by 0.5 on bilinear)."""
+    grid = model_grid_yx(item.image_hu.shape[1:], item.spacing_mm[1:], model_spacing_mm)
+    image = resample_slices(torch.from_numpy(np.asarray(item.image_hu, dtype=np.float32)), grid)
+    label = resample_slices(torch.from_numpy(np.asarray(item.label, dtype=np.float32)), grid) >= 0.5
+    label_np = label.numpy().astype(np.uint8)
+    return _Stack(
+        id=item.id,
+        image_hu=image.round().clamp(-32768, 32767).numpy().astype(np.int16),
+        label=label_np,
+        positives=np.flatnonzero(label_np),
+    )
+
+
+def _crop(plane: np.ndarray, center_y: int, center_x: int, size: int, fill: float) -> np.ndarray:
+    """`size` x `size` crop of a 2D array centred at (center_y, center_x), padded with `fill`."""
+    out = np.full((size, size), fill, dtype=np.float32)
+    y0, x0 = center_y - size // 2, center_x - size // 2
+    ys, xs = max(0, y0), max(0, x0)
+    ye, xe = min(plane.shape[0], y0 + size), min(plane.shape[1], x0 + size)
+    if ye > ys and xe > xs:
+        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = plane[ys:ye, xs:xe]
+    return out
+
+
+def _sample_patch_center(stacks: Sequence[_Stack], positive_ids: Sequence[int], positive: bool,
+                         patch_px: int, rng: np.random.Generator) -> tuple[_Stack, int, int, int]:
+    """A (stack, z, y, x) patch centre: on a random bleed voxel (shifted up to patch/4) or in the head."""
+    if positive:
+        stack = stacks[positive_ids[rng.integers(len(positive_ids))]]
+        z, y, x = np.unravel_index(stack.positives[rng.integers(stack.positives.size)], stack.label.shape)
+        shift = patch_px // 4
+        return stack, int(z), int(y + rng.integers(-shift, shift + 1)), int(x + rng.integers(-shift, shift + 1))
+    stack = stacks[rng.integers(len(stacks))]
+    depth, height, width = stack.image_hu.shape
+    for _ in range(BODY_SAMPLE_TRIES):
+        z, y, x = int(rng.integers(depth)), int(rng.integers(height)), int(rng.integers(width))
+        if stack.image_hu[z, y, x] > BODY_MIN_HU:
+            break
+    return stack, z, y, x
+
+
+def _sample_batch(stacks: Sequence[_Stack], positive_ids: Sequence[int], settings: TrainSettings, patch_px: int,
+                  windows: Sequence[HUWindow], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch: (B, C, P, P) windowed patches and (B, 1, P, P) float labels, augmented.
+
+    Augmentation: left-right flip, rotation up to `max_rotation_deg`, HU scale/shift jitter.
+    """
+    images, labels = [], []
+    for _ in range(settings.batch_size):
+        positive = bool(positive_ids) and rng.random() < settings.positive_fraction
+        stack, z, y, x = _sample_patch_center(stacks, positive_ids, positive, patch_px, rng)
+        images.append(_crop(stack.image_hu[z], y, x, patch_px, AIR_HU))
+        labels.append(_crop(stack.label[z], y, x, patch_px, 0.0))
+    batch = settings.batch_size
+    image = torch.from_numpy(np.stack(images))[:, None]
+    label = torch.from_numpy(np.stack(labels))[:, None]
+    angle = np.deg2rad(rng.uniform(-settings.max_rotation_deg, settings.max_rotation_deg, batch))
+    flip = np.where(rng.random(batch) < 0.5, -1.0, 1.0)
+    theta = np.zeros((batch, 2, 3), dtype=np.float32)
+    theta[:, 0, 0], theta[:, 0, 1] = np.cos(angle) * flip, -np.sin(angle)
+    theta[:, 1, 0], theta[:, 1, 1] = np.sin(angle) * flip, np.cos(angle)
+    grid = F.affine_grid(torch.from_numpy(theta), list(image.shape), align_corners=False)
+    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    label = F.grid_sample(label, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    scale = 1.0 + rng.uniform(-settings.hu_scale_jitter, settings.hu_scale_jitter, (batch, 1, 1, 1))
+    shift = rng.uniform(-settings.hu_shift_jitter, settings.hu_shift_jitter, (batch, 1, 1, 1))
+    image = image * torch.from_numpy(scale.astype(np.float32)) + torch.from_numpy(shift.astype(np.float32))
+    return window_channels(image[:, 0], windows), label
+
+
+def _loss_function(name: str) -> nn.Module:
+    if name == "dice_ce":
+        return DiceCELoss(sigmoid=True, batch=True)
+    return FocalLoss(gamma=2.0, use_softmax=False)
+
+
+def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSettings, *, iterations: int,
+                  lr: float, seed: int, member_index: int, patch_px: int, windows: Sequence[HUWindow],
+                  progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> dict:
+    """Optimise one member in place with AdamW and a cosine learning-rate schedule; returns its metrics."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    positive_ids = [i for i, stack in enumerate(stacks) if stack.positives.size]
+    member.to(settings.device).train()
+    optimizer = torch.optim.AdamW(member.parameters(), lr=lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
+    loss_function = _loss_function(settings.loss)
+    losses = []
+    for iteration in range(1, iterations + 1):
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled(f"training cancelled at member {member_index}, iteration {iteration}")
+        image, label = _sample_batch(stacks, positive_ids, settings, patch_px, windows, rng)
+        loss = loss_function(member(image.to(settings.device)), label.to(settings.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.item()))
+        if progress is not None:
+            progress({"member": member_index, "iteration": iteration, "iterations": iterations,
+                      "loss": losses[-1], "lr": schedule.get_last_lr()[0]})
+    member.eval()
+    tail = losses[-max(1, iterations // 10):]
+    return {"iterations": iterations, "stacks": len(stacks), "final_loss": float(np.mean(tail))}
+
+
+def _member_gets_wrong(member: nn.Module, stack: _Stack, settings: TrainSettings, patch_px: int,
+                       windows: Sequence[HUWindow]) -> bool:
+    """ACFT's H: the member's stack-level call is wrong, or its Dice on a bleed stack is too low."""
+    channels = window_channels(torch.from_numpy(stack.image_hu), windows)
+    probs = predict_member_slices(member, channels, patch_px, device=settings.device)
+    predicted = probs.numpy() >= settings.config.detection_threshold
+    has_bleed = bool(stack.positives.size)
+    if predicted.any() != has_bleed:
+        return True
+    return has_bleed and dice(predicted, stack.label) < settings.hard_dice_threshold
+
+
+def _member_seed(settings: TrainSettings, member_index: int) -> int:
+    return settings.seed * 1000 + member_index
+
+
+def train_ensemble(
+    items: Sequence[TrainItem],
+    settings: TrainSettings,
+    *,
+    mode: str = "retrain",
+    previous: EnsembleModel | None = None,
+    progress: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> EnsembleModel:
+    """Train a PatchFCN ensemble on labeled stacks.
+
+    `retrain`: `settings.ensemble_size` members from scratch, differing only by seed.
+    `continual`: each member of `previous` is copied and fine-tuned on the stacks not in
+    `previous.meta['train_ids']` (Q) plus the already-seen stacks that member gets wrong (H); a
+    member with an empty H u Q is kept as is. Model geometry (preset, channels, spacing, patch)
+    comes from `previous`. `progress` gets {"member", "iteration", "iterations", "loss", "lr"} per
+    step (and {"member", "hard", "new"} in continual mode before each member); `should_stop()`
+    returning True raises `TrainingCancelled` and leaves `previous` untouched.
+    """
+    settings.validate()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "continual" and previous is None:
+        raise ValueError("continual mode needs the previous ensemble to fine-tune")
+    _validate_items(items)
+    if mode == "continual":
+        preset = ModelPreset.from_dict(previous.meta["preset"])
+        windows, spacing_mm, patch_px = previous.windows, previous.spacing_mm, previous.patch_px
+    else:
+        preset = resolve_preset(settings.preset)
+        windows = settings.config.hu_windows
+        spacing_mm = settings.spacing_mm or round(float(np.median([np.mean(i.spacing_mm[1:]) for i in items])), 3)
+        patch_px = settings.config.patch_px(spacing_mm)
+    stacks = [_prepare(item, spacing_mm) for item in items]
+    member_metrics, members = [], []
+    if mode == "retrain":
+        for index in range(settings.ensemble_size):
+            torch.manual_seed(_member_seed(settings, index))
+            member = build_network(preset, len(windows))
+            member_metrics.append(_train_member(
+                member, stacks, settings, iterations=settings.iterations, lr=settings.lr,
+                seed=_member_seed(settings, index), member_index=index, patch_px=patch_px, windows=windows,
+                progress=progress, should_stop=should_stop))
+            members.append(member)
+        train_ids = sorted(stack.id for stack in stacks)
+    else:
+        seen = set(previous.meta["train_ids"])
+        new = [stack for stack in stacks if stack.id not in seen]
+        old = [stack for stack in stacks if stack.id in seen]
+        for index, previous_member in enumerate(previous.members):
+            member = copy.deepcopy(previous_member).to(settings.device)
+            hard = [stack for stack in old if _member_gets_wrong(member, stack, settings, patch_px, windows)]
+            if progress is not None:
+                progress({"member": index, "new": len(new), "hard": len(hard)})
+            subset = new + hard
+            metrics = {"new": len(new), "hard": len(hard), "iterations": 0, "stacks": len(subset)}
+            if subset:
+                metrics |= _train_member(
+                    member, subset, settings, iterations=settings.continual_iterations or settings.iterations,
+                    lr=settings.lr * settings.continual_lr_factor, seed=_member_seed(settings, index),
+                    member_index=index, patch_px=patch_px, windows=windows, progress=progress,
+                    should_stop=should_stop)
+            member_metrics.append(metrics)
+            members.append(member.cpu().eval())
+        train_ids = sorted(seen | {stack.id for stack in stacks})
+    training = {k: v for k, v in asdict(settings).items() if k != "config"}
+    meta = {
+        "preset": preset.to_dict(),
+        "channels": windows_to_meta(windows),
+        "patch_px": int(patch_px),
+        "spacing_mm": float(spacing_mm),
+        "train_ids": train_ids,
+        "metrics": {"mode": mode, "members": member_metrics, "settings": training},
+        "versions": software_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return EnsembleModel(members=[m.cpu().eval() for m in members], meta=meta)
+
+
+def load_pool_items(pool_dir: str | Path) -> list[TrainItem]:
+    """Labeled stacks of a pool: labels `POOL/labels/final/<id>.nii.gz` with images `POOL/<id>.nii.gz`."""
+    pool_dir = Path(pool_dir)
+    label_paths = sorted((pool_dir / "labels" / "final").glob("*.nii.gz"))
+    if not label_paths:
+        raise ValueError(f"no labels in {pool_dir / 'labels' / 'final'}; label some stacks first")
+    items = []
+    for label_path in label_paths:
+        stack_id = label_path.name.removesuffix(".nii.gz")
+        image = read_nifti(pool_dir / f"{stack_id}.nii.gz")
+        label = read_nifti(label_path)
+        items.append(TrainItem(stack_id, image.array, check_label(label.array, image.array.shape, f"label {stack_id!r}"),
+                               image.spacing_mm))
+    return items
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ichal.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--pool", type=Path, required=True, help="pool folder (images + labels/final)")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (atomically)")
+    parser.add_argument("--preset", default="cpu_small")
+    parser.add_argument("--members", type=int, default=DEFAULT_CONFIG.ensemble_size)
+    parser.add_argument("--iterations", type=int, default=TrainSettings.iterations)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--loss", choices=LOSSES, default="dice_ce")
+    parser.add_argument("--mode", choices=MODES, default="retrain")
+    parser.add_argument("--previous", type=Path, help="checkpoint to fine-tune (continual mode)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.mode == "continual" and args.previous is None:
+        parser.error("--mode continual needs --previous")
+    settings = TrainSettings(preset=args.preset, ensemble_size=args.members, iterations=args.iterations,
+                             batch_size=args.batch_size, lr=args.lr, loss=args.loss, seed=args.seed, device=args.device)
+    previous = load_ensemble(args.previous) if args.previous else None
+    items = load_pool_items(args.pool)
+    members = len(previous.members) if previous else args.members
+    with tqdm(total=members * args.iterations, desc="training", unit="it") as bar:
+        def report(event: dict) -> None:
+            if "loss" in event:
+                bar.update(1)
+                bar.set_postfix(member=event["member"], loss=f"{event['loss']:.3f}")
+        model = train_ensemble(items, settings, mode=args.mode, previous=previous, progress=report)
+    save_ensemble(model, args.out)
+    print(f"saved {len(model.members)} members ({args.mode}, {len(model.meta['train_ids'])} stacks) "
+          f"to {args.out}, version {model.meta['version']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
