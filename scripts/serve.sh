@@ -13,5 +13,5 @@ if [ ! -d "$datastore" ]; then
     echo "created datastore $datastore from sample_data/" >&2
 fi
 export MONAI_LABEL_TRACKING_ENABLED=false
-exec "$venv/bin/monailabel" start_server --app "$root/apps/hemorrhage" --studies "$datastore" \
+exec "$venv/bin/python" -m monailabel.main start_server --app "$root/apps/hemorrhage" --studies "$datastore" \
     --host "${ICHAL_HOST:-127.0.0.1}" --port "${ICHAL_PORT:-8000}" "$@"

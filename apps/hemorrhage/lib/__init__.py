@@ -1,0 +1,1 @@
+"""MONAI Label task classes for the hemorrhage app: thin wiring around the `ichal` library."""

@@ -1,0 +1,98 @@
+"""Local datastore that validates saved labels and never loses or half-writes an update.
+
+MONAI Label's LocalDatastore copies any uploaded file into labels/final and rewrites datastore_v2.json
+in place from its in-memory copy; with scoring and training in subprocesses that loses updates. Here
+labels are checked against their image first, files are written atomically, and info updates are
+read-modify-write under the datastore's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Dict
+
+import numpy as np
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+
+from ichal.io import VolumeError, atomic_write_bytes, check_label, read_nifti, write_nifti
+
+from .errors import check_image_id, client_error
+
+logger = logging.getLogger(__name__)
+
+
+class HemorrhageDatastore(LocalDatastore):
+    """`on_final_label(image_id, client_id, label_path)` is called after a final label is stored."""
+
+    on_final_label: Callable[[str, str | None, str], None] | None = None
+
+    def get_image_uri(self, image_id: str) -> str:
+        check_image_id(image_id)
+        self.reload()
+        if image_id not in self._datastore.objects:
+            raise client_error(f"unknown image id {image_id!r}", status=404)
+        return super().get_image_uri(image_id)
+
+    def reload(self) -> None:
+        """Pick up changes other processes (scoring, training) wrote to datastore_v2.json."""
+        self._init_from_datastore_file()
+
+    def _reload_unlocked(self) -> None:
+        if os.path.exists(self._datastore_config_path):
+            with open(self._datastore_config_path) as handle:
+                self._datastore = LocalDatastoreModel.model_validate_json(handle.read())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        def write() -> None:
+            self._ignore_event_config = True
+            document = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            atomic_write_bytes(self._datastore_config_path, document.encode())
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        check_image_id(image_id)
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise client_error(f"unknown image id {image_id!r}", status=404)
+            obj.image.info.update(info)
+            self._update_datastore_file(lock=False)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        """Validate the uploaded label against its image, then store it atomically as NIfTI."""
+        image_uri = self.get_image_uri(image_id)
+        check_image_id(label_tag)
+        try:
+            label = read_nifti(label_filename)
+            image = read_nifti(image_uri)
+            mask = check_label(label.array, image.array.shape, name=f"label for {image_id!r}")
+        except VolumeError as error:
+            raise client_error(f"label for {image_id!r} rejected: {error}", status=422) from error
+        if not np.allclose(label.affine, image.affine, atol=1e-3):
+            logger.info(f"label for {image_id} has a different affine; storing it on the image's grid")
+        name = self._filename(image_id, ".nii.gz")
+        label_path = os.path.join(self._datastore.label_path(label_tag), name)
+        # Re-encoded on the image's grid and written atomically: what is stored is exactly what was checked.
+        write_nifti(mask, image.affine, label_path)
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            info = {**(label_info or {}), "ts": int(time.time()), "name": name}
+            self._datastore.objects[image_id].labels[label_tag] = DataModel(info=info, ext=".nii.gz")
+            self._update_datastore_file(lock=False)
+        if label_tag == "final" and self.on_final_label is not None:
+            client = (label_info or {}).get("client_id")
+            self.on_final_label(image_id, str(client) if client else None, label_path)
+        return image_id

@@ -1,0 +1,81 @@
+"""Scoring method `committee`: run the ensemble once per unlabeled stack and store its value and cost features.
+
+Stores, in each image's datastore info under `ichal`, the stack uncertainty V (paper eq. 1, top-K patch mean),
+the cost features B and M, the predicted labeling seconds, ACFT's score, the model version and a timestamp.
+Stacks already scored by the current model are skipped, and each stack is stored as soon as it is scored,
+so an interrupted run loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from tqdm import tqdm
+
+from ichal.config import DEFAULT_CONFIG
+from ichal.cost import mask_features
+from ichal.ensemble import predict_stack
+from ichal.io import read_nifti
+from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
+
+from .context import AppContext
+
+logger = logging.getLogger(__name__)
+
+SCORE_KEY = "ichal"
+
+
+def score_stack(model: Any, image_path: str, context: AppContext) -> dict:
+    """Committee value, cost features and predicted seconds of one stack (no datastore access)."""
+    volume = read_nifti(image_path)
+    prediction = predict_stack(
+        model, volume.array, volume.spacing_mm, device=context.settings.device, overlap=context.settings.overlap
+    )
+    patch_px = max(1, int(round(model.patch_px * model.spacing_mm / volume.spacing_mm[1])))
+    features = mask_features(prediction.mean_prob, volume.spacing_mm, DEFAULT_CONFIG.feature_thresholds)
+    return {
+        "value": stack_uncertainty(patch_scores(prediction.js, patch_px), k=DEFAULT_CONFIG.top_k_patches),
+        "boundary_mm": features.boundary_mm,
+        "n_components": features.n_components,
+        "predicted_seconds": float(context.time_model().predict([features])[0]),
+        "acft": acft_scores(prediction.mean_prob, patch_px).total,
+        "model_version": model.meta["version"],
+        "scored_at": time.time(),
+    }
+
+
+def current_scores(datastore: Any, ids: list[str], model: Any) -> dict[str, dict]:
+    """Stored scores of `ids` that the current model made (older models' scores are stale)."""
+    if model is None:
+        return {}
+    version = model.meta["version"]
+    scores = {}
+    for image_id in ids:
+        stored = datastore.get_image_info(image_id).get(SCORE_KEY)
+        if stored and stored.get("model_version") == version:
+            scores[image_id] = stored
+    return scores
+
+
+class CommitteeScoring(ScoringMethod):
+    def __init__(self, context: AppContext):
+        super().__init__("Committee disagreement (Jensen-Shannon, top-K patches) and predicted labeling time")
+        self.context = context
+
+    def __call__(self, request: dict, datastore: Any) -> dict:
+        model = self.context.load_model()
+        if model is None:
+            logger.info("committee scoring skipped: no trained model yet")
+            return {"scored": 0, "skipped": 0, "reason": "no trained model yet"}
+        datastore.reload()
+        unlabeled = sorted(datastore.get_unlabeled_images())
+        todo = [i for i in unlabeled if i not in current_scores(datastore, unlabeled, model)]
+        logger.info(f"committee scoring: {len(todo)} of {len(unlabeled)} unlabeled stacks need model {model.meta['version'][:12]}")
+        started = time.time()
+        for image_id in tqdm(todo, desc="committee scoring", unit="stack"):
+            scores = score_stack(model, datastore.get_image_uri(image_id), self.context)
+            datastore.update_image_info(image_id, {SCORE_KEY: scores})
+        return {"scored": len(todo), "skipped": len(unlabeled) - len(todo), "seconds": round(time.time() - started, 2)}

@@ -1,0 +1,100 @@
+"""The app's `--conf` keys, parsed once, and the paths of its durable state."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+# key -> (type, default, help). The README's configuration table documents these with examples.
+CONF_KEYS: dict[str, tuple[type, object, str]] = {
+    "ensemble_size": (int, 4, "committee members trained per ensemble"),
+    "preset": (str, "cpu_small", "network preset: cpu_small (2 CPU cores) or drn38 (GPU)"),
+    "train_iterations": (int, 300, "optimizer steps per member per training run"),
+    "train_mode": (str, "retrain", "default training mode: retrain (from scratch) or continual (fine-tune)"),
+    "device": (str, "cpu", "torch device for inference, scoring and training (cpu, cuda, cuda:1)"),
+    "budget_minutes": (float, 60.0, "default labeling budget of a worklist when a request gives none"),
+    "checkout_minutes": (float, 30.0, "how long a served stack stays reserved for the annotator it was served to"),
+    "idle_limit_seconds": (float, 300.0, "gaps between an annotator's events longer than this count only this much"),
+    "unscored_stack_minutes": (float, 10.0, "labeling time assumed for a stack no model has scored, until times are measured"),
+    "min_time_samples": (int, 10, "measured labeling times needed before the time model replaces its prior"),
+    "overlap": (float, 0.25, "sliding-window overlap at inference"),
+    "seed": (int, 0, "random seed for training and the random strategies"),
+    "state_dir": (str, "", "where models, time records and check-outs live (default: <datastore>/.ichal)"),
+}
+
+
+class ConfError(ValueError):
+    """A `--conf` value is missing its type or range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    ensemble_size: int
+    preset: str
+    train_iterations: int
+    train_mode: str
+    device: str
+    budget_minutes: float
+    checkout_minutes: float
+    idle_limit_seconds: float
+    unscored_stack_minutes: float
+    min_time_samples: int
+    overlap: float
+    seed: int
+    state_dir: str
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str], studies: str) -> "AppSettings":
+        values: dict[str, object] = {}
+        for name, (kind, default, _) in CONF_KEYS.items():
+            raw = conf.get(name)
+            try:
+                values[name] = default if raw in (None, "") else kind(raw)
+            except ValueError as error:
+                raise ConfError(f"--conf {name} {raw!r}: expected {kind.__name__}") from error
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings._check()
+        if not settings.state_dir:
+            local = not studies.startswith(("http://", "https://"))
+            base = Path(studies) if local else Path(os.path.expanduser("~/.cache/ichal/remote"))
+            settings = cls(**{**{f.name: getattr(settings, f.name) for f in fields(cls)}, "state_dir": str(base / ".ichal")})
+        return settings
+
+    def _check(self) -> None:
+        positive = ("ensemble_size", "train_iterations", "budget_minutes", "checkout_minutes", "idle_limit_seconds",
+                    "unscored_stack_minutes")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfError(f"--conf {name} must be a positive number, got {value}")
+        if self.train_mode not in ("retrain", "continual"):
+            raise ConfError(f"--conf train_mode must be retrain or continual, got {self.train_mode!r}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfError(f"--conf overlap must be in [0, 1), got {self.overlap}")
+
+    # Durable state, one folder per datastore.
+    @property
+    def model_path(self) -> Path:
+        return Path(self.state_dir) / "models" / "ensemble.pt"
+
+    @property
+    def train_status_path(self) -> Path:
+        return Path(self.state_dir) / "train_status.json"
+
+    @property
+    def events_path(self) -> Path:
+        return Path(self.state_dir) / "label_events.json"
+
+    @property
+    def label_times_path(self) -> Path:
+        return Path(self.state_dir) / "label_times.json"
+
+    @property
+    def time_model_path(self) -> Path:
+        return Path(self.state_dir) / "time_model.json"
+
+    @property
+    def checkouts_path(self) -> Path:
+        return Path(self.state_dir) / "checkouts.json"

@@ -1,0 +1,152 @@
+"""Active-learning strategies: a budgeted worklist and the next stack for the asking annotator.
+
+Each strategy ranks the unlabeled stacks that nobody else holds, picks a worklist that fits the budget
+(`ichal.selection`), checks its first free stack out to the client and logs that it was served.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import numpy as np
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from ichal.io import read_nifti
+from ichal.selection import (
+    Selection,
+    acft_select,
+    cheap_image_features,
+    cold_start_select,
+    knapsack_select,
+    random_select,
+    uncertainty_select,
+)
+
+from .context import AppContext
+from .errors import client_error
+from .scoring import SCORE_KEY, current_scores
+
+logger = logging.getLogger(__name__)
+
+FEATURE_KEY = "ichal_image_features"
+
+
+def budget_seconds_from(request: dict, default_minutes: float) -> float:
+    raw = request.get("budget_minutes", default_minutes)
+    try:
+        minutes = float(raw)
+    except (TypeError, ValueError):
+        raise client_error(f"budget_minutes must be a number of minutes, got {raw!r}") from None
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise client_error(f"budget_minutes must be a positive, finite number of minutes, got {raw!r}")
+    return minutes * 60.0
+
+
+class BudgetedStrategy(Strategy):
+    """One named selector (cost_sensitive, uncertainty, random, acft, cold_start) under a time budget."""
+
+    NEEDS_SCORES = {"cost_sensitive": True, "uncertainty": True, "acft": True, "random": False, "cold_start": False}
+
+    def __init__(self, name: str, context: AppContext, description: str):
+        super().__init__(description)
+        self.name = name
+        self.context = context
+
+    def info(self) -> dict:
+        return {**super().info(), "budget_minutes_default": self.context.settings.budget_minutes}
+
+    def __call__(self, request: dict, datastore: Any) -> dict:
+        budget_seconds = budget_seconds_from(request, self.context.settings.budget_minutes)
+        client = str(request.get("client_id") or "anonymous")
+        datastore.reload()
+        held = self.context.checkouts.held_by_others(client)
+        ids = sorted(i for i in datastore.get_unlabeled_images() if i not in held)
+        if not ids:
+            return {}
+        model = self.context.load_model()
+        scores = current_scores(datastore, ids, model)
+        unscored = [i for i in ids if i not in scores]
+        if self.NEEDS_SCORES[self.name]:
+            ids = [i for i in ids if i in scores]
+            if not ids:
+                raise client_error(
+                    f"strategy '{self.name}' needs committee scores and no unlabeled stack is scored by the current "
+                    "model yet: train (POST /train/hemorrhage), score (POST /scoring/committee), or use 'cold_start'",
+                    status=409,
+                )
+        seconds = self._predicted_seconds(ids, scores)
+        values = np.array([scores[i]["value"] if i in scores else 0.0 for i in ids])
+        selection = self._select(ids, values, seconds, budget_seconds, datastore)
+        order = [ids[i] for i in selection.indices]
+        if not order:
+            raise client_error(
+                f"no unlabeled stack fits a budget of {budget_seconds / 60:.1f} min: the quickest is predicted "
+                f"to take {seconds.min() / 60:.1f} min",
+                status=422,
+            )
+        next_id = self.context.checkouts.checkout_first_free(client, order)
+        if next_id is None:
+            return {}
+        self.context.events.record(client, next_id, "served")
+        worklist = [
+            {"id": ids[i], "predicted_minutes": round(float(seconds[i]) / 60.0, 2), "value": float(values[i])}
+            for i in selection.indices
+        ]
+        return {
+            "id": next_id,
+            "strategy": self.name,
+            "client_id": client,
+            "budget_minutes": budget_seconds / 60.0,
+            "worklist": worklist,
+            "total_predicted_minutes": round(selection.total_seconds / 60.0, 2),
+            "total_value": selection.total_value,
+            "time_model": self.context.time_model().describe()["source"],
+            "unscored": len(unscored),
+        }
+
+    def _predicted_seconds(self, ids: list[str], scores: dict[str, dict]) -> np.ndarray:
+        """Seconds per stack: the time model on committee features; for stacks no model has seen, the
+        median measured labeling time at this site, or `unscored_stack_minutes` before any is measured."""
+        features = np.array([[scores[i]["boundary_mm"], scores[i]["n_components"]] for i in ids if i in scores])
+        predicted = iter(self.context.time_model().predict(features) if len(features) else [])
+        measured = [r["seconds"] for r in self.context.label_times.read()]
+        unseen = float(np.median(measured)) if measured else self.context.settings.unscored_stack_minutes * 60.0
+        return np.array([next(predicted) if i in scores else unseen for i in ids], dtype=np.float64)
+
+    def _select(self, ids, values, seconds, budget_seconds, datastore) -> Selection:
+        rng = np.random.default_rng(self.context.settings.seed + len(ids))
+        selectors: dict[str, Callable[[], Selection]] = {
+            "cost_sensitive": lambda: knapsack_select(values, seconds, budget_seconds),
+            "uncertainty": lambda: uncertainty_select(values, seconds, budget_seconds),
+            "random": lambda: random_select(seconds, budget_seconds, rng, values=values),
+            "acft": lambda: acft_select(self._acft(ids, datastore), seconds, budget_seconds, rng),
+            "cold_start": lambda: cold_start_select(self._image_features(ids, datastore), seconds, budget_seconds, rng),
+        }
+        return selectors[self.name]()
+
+    @staticmethod
+    def _acft(ids: list[str], datastore: Any) -> np.ndarray:
+        return np.array([datastore.get_image_info(i)[SCORE_KEY]["acft"] for i in ids])
+
+    @staticmethod
+    def _image_features(ids: list[str], datastore: Any) -> np.ndarray:
+        """Cheap per-image features for cold start, computed once per image and kept in its info."""
+        rows = []
+        for image_id in ids:
+            cached = datastore.get_image_info(image_id).get(FEATURE_KEY)
+            if cached is None:
+                cached = cheap_image_features(read_nifti(datastore.get_image_uri(image_id)).array).tolist()
+                datastore.update_image_info(image_id, {FEATURE_KEY: cached})
+            rows.append(cached)
+        return np.array(rows, dtype=np.float64)
+
+
+STRATEGY_DESCRIPTIONS = {
+    "cost_sensitive": "Most committee disagreement per labeling minute: exact 0/1 knapsack under the budget",
+    "uncertainty": "Most committee disagreement first (uniform cost), added while it fits the budget",
+    "random": "Random stacks, added while they fit the budget",
+    "acft": "ACFT: entropy + diversity of the top patches, sampled from the top 5x candidates",
+    "cold_start": "No model needed: diverse stacks by k-center on cheap image features",
+}

@@ -1,0 +1,86 @@
+"""MONAI Label app for head-CT hemorrhage with cost-sensitive active learning (Kuo et al. 2018).
+
+Wiring only: every computation is in the `ichal` library. Tasks: infer `hemorrhage` and
+`hemorrhage_uncertainty`, train `hemorrhage`, scoring `committee`, strategies `cost_sensitive`,
+`uncertainty`, `random`, `acft`, `cold_start`. Configuration: `--conf` keys in lib/settings.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+
+import ichal
+from lib.context import AppContext
+from lib.datastore import HemorrhageDatastore
+from lib.errors import client_error
+from lib.infers import EnsembleInfer
+from lib.scoring import CommitteeScoring
+from lib.settings import CONF_KEYS, AppSettings
+from lib.strategies import STRATEGY_DESCRIPTIONS, BudgetedStrategy
+from lib.trainers import EnsembleTrain
+
+logger = logging.getLogger(__name__)
+
+
+class HemorrhageApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        self.settings = AppSettings.from_conf(conf or {}, studies)
+        self.context = AppContext(self.settings)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="hemorrhage",
+            description="Intracranial hemorrhage on head CT: PatchFCN committee, cost-sensitive active labeling",
+            version=ichal.__version__,
+            labels={"hemorrhage": 1},
+        )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        datastore = HemorrhageDatastore(self.studies, extensions=("*.nii.gz", "*.nii"), auto_reload=False)
+        datastore.on_final_label = self._on_final_label
+        return datastore
+
+    def init_infers(self) -> Dict[str, Any]:
+        return {
+            "hemorrhage": EnsembleInfer(self.context, "label"),
+            "hemorrhage_uncertainty": EnsembleInfer(self.context, "uncertainty"),
+        }
+
+    def init_trainers(self) -> Dict[str, Any]:
+        return {"hemorrhage": EnsembleTrain(self.context)}
+
+    def init_scoring_methods(self) -> Dict[str, Any]:
+        return {"committee": CommitteeScoring(self.context)}
+
+    def init_strategies(self) -> Dict[str, Any]:
+        return {name: BudgetedStrategy(name, self.context, text) for name, text in STRATEGY_DESCRIPTIONS.items()}
+
+    def next_sample(self, request: dict) -> dict:
+        strategy = request.get("strategy") or "cost_sensitive"
+        if strategy not in self._strategies:
+            raise client_error(f"unknown strategy {strategy!r}; available: {sorted(self._strategies)}", 404)
+        return super().next_sample({**request, "strategy": strategy})
+
+    def info(self) -> dict:
+        meta = super().info()
+        model = self.context.load_model() if self.settings.model_path.exists() else None
+        meta["ichal"] = {
+            "time_model": self.context.time_model().describe(),
+            "measured_label_times": len(self.context.label_times.read()),
+            "model": None if model is None else {k: model.meta.get(k) for k in ("version", "created", "preset", "train_ids", "metrics")},
+            "settings": {key: getattr(self.settings, key) for key in CONF_KEYS},
+        }
+        return meta
+
+    def _on_final_label(self, image_id: str, client: str | None, label_path: str) -> None:
+        client = client or self.context.checkouts.holder(image_id) or "anonymous"
+        self.context.record_saved_label(image_id, client, label_path)
+        self.context.checkouts.release(image_id)
