@@ -72,7 +72,7 @@ class TrainSettings:
     Dice is below `hard_dice_threshold`.
     """
 
-    preset: str = "cpu_small"
+    preset: str | ModelPreset = "cpu_small"
     ensemble_size: int = 4
     iterations: int = 600
     batch_size: int = 16

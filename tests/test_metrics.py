@@ -1,0 +1,139 @@
+"""Detection-level scores and metrics, checked against scikit-learn on small cases."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from ichal.metrics import (
+    DetectionEvaluator,
+    PixelAPAccumulator,
+    detection_ap,
+    dice,
+    frame_ap,
+    frame_scores,
+    pixel_ap,
+    region_ap,
+    region_hits,
+    region_scores,
+    stack_ap,
+    stack_scores,
+)
+
+
+def _random_case(seed: int, shape=(3, 6, 7)):
+    rng = np.random.default_rng(seed)
+    label = rng.random(shape) < 0.2
+    prob = np.clip(0.35 * label + 0.65 * rng.random(shape), 0, 1).astype(np.float32)
+    return prob, label
+
+
+def test_dice_on_known_masks():
+    a = np.array([1, 1, 0, 0], dtype=bool)
+    assert dice(a, np.array([1, 0, 1, 0])) == pytest.approx(0.5)
+    assert dice(a, a) == 1.0
+    assert dice(np.zeros(4), np.zeros(4)) == 1.0
+    with pytest.raises(ValueError, match="does not match label shape"):
+        dice(a, np.zeros(3))
+
+
+def test_binned_pixel_ap_equals_sklearn_when_scores_sit_on_distinct_bins():
+    n_bins = 64
+    rng = np.random.default_rng(1)
+    scores = (rng.integers(0, n_bins, 500) + 0.5) / n_bins  # bin centres; many ties, as sklearn sees them
+    labels = rng.random(500) < scores
+    result = pixel_ap([scores.reshape(5, 10, 10)], [labels.reshape(5, 10, 10)], n_bins=n_bins)
+    assert result.ap == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("n_bins", [1, 16, 2**16])
+def test_exact_ap_lies_within_the_stated_binning_bounds(n_bins):
+    probs, labels = zip(*[_random_case(seed) for seed in range(4)])
+    exact = average_precision_score(np.concatenate([l.ravel() for l in labels]),
+                                    np.concatenate([p.ravel() for p in probs]))
+    result = pixel_ap(probs, labels, n_bins=n_bins)
+    assert result.lower - 1e-9 <= exact <= result.upper + 1e-9
+    assert result.lower <= result.ap <= result.upper
+    if n_bins == 2**16:
+        assert result.upper - result.lower < 1e-3 and result.ap == pytest.approx(exact, abs=1e-3)
+    if n_bins == 1:
+        assert result.ap == pytest.approx(np.mean(np.concatenate([l.ravel() for l in labels])))
+
+
+def test_pixel_ap_streams_in_any_chunking():
+    prob, label = _random_case(7, shape=(4, 8, 8))
+    whole = PixelAPAccumulator()
+    whole.update(prob, label)
+    chunked = PixelAPAccumulator()
+    for z in range(4):
+        chunked.update(prob[z], label[z])
+    assert chunked.result() == whole.result()
+    assert np.isnan(pixel_ap([prob], [np.zeros_like(label)]).ap)
+    with pytest.raises(ValueError, match="probabilities in \\[0, 1\\]"):
+        whole.update(prob * 2, label)
+
+
+def test_frame_and_stack_ap_match_sklearn():
+    probs, labels = zip(*[_random_case(seed) for seed in range(6)])
+    labels = list(labels)
+    labels[2] = np.zeros_like(labels[2])  # a negative stack
+    frames = np.concatenate([frame_scores(p) for p in probs])
+    frame_truth = np.concatenate([l.any(axis=(1, 2)) for l in labels])
+    assert frame_ap(probs, labels) == pytest.approx(average_precision_score(frame_truth, frames))
+    stacks = [stack_scores(p) for p in probs]
+    assert stacks[0] == pytest.approx(float(probs[0].max()))
+    assert stack_ap(probs, labels) == pytest.approx(average_precision_score([l.any() for l in labels], stacks))
+
+
+def _two_bleeds():
+    label = np.zeros((3, 12, 12), dtype=np.uint8)
+    label[0:2, 1:4, 1:4] = 1  # bleed A spans two slices
+    label[2, 8:11, 8:11] = 1  # bleed B
+    prob = np.zeros(label.shape, dtype=np.float32)
+    prob[0:2, 2:4, 2:4] = 0.9  # hits A
+    prob[1, 2:3, 2:3] = 0.95
+    prob[2, 5:7, 0:2] = 0.8  # false positive
+    prob[0, 9:11, 9:11] = 0.6  # false positive (B is on slice 2)
+    return prob, label
+
+
+def test_regions_are_3d_components_scored_by_their_peak():
+    prob, _ = _two_bleeds()
+    components, scores = region_scores(prob, threshold=0.5)
+    assert components.max() == 3
+    assert sorted(scores.tolist()) == pytest.approx([0.6, 0.8, 0.95])
+
+
+def test_region_ap_counts_missed_bleeds_and_matches_sklearn_times_recall():
+    prob, label = _two_bleeds()
+    scores, hits, truths = region_hits(prob, label, threshold=0.5)
+    assert truths == 2 and hits.sum() == 1
+    expected = average_precision_score(hits, scores) * 1 / 2  # ranked: hit, FP, FP; recall caps at 1/2
+    assert region_ap([prob], [label], threshold=0.5) == pytest.approx(expected) == pytest.approx(0.5)
+    assert detection_ap(np.array([0.9, 0.8]), np.array([False, True]), 1) == pytest.approx(0.5)
+    assert np.isnan(detection_ap(np.zeros(0), np.zeros(0, dtype=bool), 0))
+
+
+def test_a_region_over_an_already_matched_bleed_is_a_false_positive():
+    label = np.zeros((1, 10, 10), dtype=np.uint8)
+    label[0, 2:8, 2:8] = 1
+    prob = np.zeros(label.shape, dtype=np.float32)
+    prob[0, 2:4, 2:4], prob[0, 6:8, 6:8] = 0.9, 0.7  # two separate regions inside one bleed
+    scores, hits, truths = region_hits(prob, label, threshold=0.5)
+    assert truths == 1 and sorted(zip(scores.tolist(), hits.tolist())) == [(pytest.approx(0.7), False),
+                                                                        (pytest.approx(0.9), True)]
+
+
+def test_evaluator_agrees_with_the_standalone_metrics():
+    cases = [_random_case(seed) for seed in range(5)] + [_two_bleeds()]
+    probs, labels = [c[0] for c in cases], [c[1].astype(np.uint8) for c in cases]
+    evaluator = DetectionEvaluator(threshold=0.5)
+    for p, l in cases:
+        evaluator.update(p, l)
+    result = evaluator.result()
+    assert result["pixel_ap"] == pytest.approx(pixel_ap(probs, labels).ap)
+    assert result["region_ap"] == pytest.approx(region_ap(probs, labels, threshold=0.5))
+    assert result["frame_ap"] == pytest.approx(frame_ap(probs, labels))
+    assert result["stack_ap"] == pytest.approx(stack_ap(probs, labels))
+    pooled = dice(np.concatenate([p.ravel() >= 0.5 for p in probs]), np.concatenate([l.ravel() for l in labels]))
+    assert result["dice"] == pytest.approx(pooled)
+    assert result["stacks"] == 6
