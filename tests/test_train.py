@@ -1,0 +1,137 @@
+"""Ensemble training: determinism, learning, continual fine-tuning (H u Q), cancelling, bad input, CLIs."""
+
+import numpy as np
+import pytest
+import torch
+
+from ichal.ensemble import load_ensemble, save_ensemble
+from ichal.infer import main as infer_main
+from ichal.io import VolumeError, read_nifti, write_nifti
+from ichal.models import ModelPreset, Stage
+from ichal.train import TrainingCancelled, TrainItem, TrainSettings, train_ensemble
+from ichal.train import main as train_main
+
+TINY = ModelPreset("tiny", 4, 3, (Stage(8, 1, stride=2), Stage(8, 1, dilation=2), Stage(8, 1, residual=False)))
+SPACING_MM = (5.0, 1.8, 1.8)  # patch_px = 72 mm / 1.8 mm = 40
+
+
+def _stack(index: int, bleed: bool = True, size: int = 48) -> TrainItem:
+    """4 x size x size head: skull ring, 30 HU brain, and (if `bleed`) a 70 HU blob on slices 1-2."""
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - size / 2, xx - size / 2)
+    image = np.full((4, size, size), -1000.0)
+    image[:, radius < 0.45 * size] = 1000.0
+    image[:, radius < 0.4 * size] = 30.0
+    label = np.zeros(image.shape, dtype=np.uint8)
+    if bleed:
+        cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+        label[1:3, np.hypot(yy - cy, xx - cx) < 4] = 1
+        image[label.astype(bool)] = 70.0
+    image += rng.normal(0, 3, image.shape)
+    return TrainItem(f"stack_{index:02d}", image.astype(np.int16), label, SPACING_MM)
+
+
+def _settings(**overrides) -> TrainSettings:
+    values = dict(preset=TINY, ensemble_size=2, iterations=8, batch_size=4, seed=3)
+    return TrainSettings(**(values | overrides))
+
+
+def _flat_weights(member: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in member.parameters()])
+
+
+def test_training_is_deterministic_for_a_seed_and_members_differ_by_seed(tmp_path):
+    items = [_stack(i, bleed=i % 2 == 0) for i in range(4)]
+    first, again, other = (train_ensemble(items, _settings(seed=s)) for s in (3, 3, 4))
+    for model, name in ((first, "a"), (again, "b"), (other, "c")):
+        save_ensemble(model, tmp_path / f"{name}.pt")
+    assert first.meta["version"] == again.meta["version"] != other.meta["version"]
+    assert not torch.equal(_flat_weights(first.members[0]), _flat_weights(first.members[1]))
+    assert first.meta["train_ids"] == [item.id for item in items]
+    assert first.meta["patch_px"] == 40 and first.meta["spacing_mm"] == pytest.approx(1.8)
+
+
+def test_training_reduces_the_loss_with_either_loss_function():
+    items = [_stack(i) for i in range(3)]
+    for loss in ("dice_ce", "focal"):
+        losses = []
+        train_ensemble(items, _settings(ensemble_size=1, iterations=100, lr=5e-3, loss=loss),
+                       progress=lambda event: losses.append(event["loss"]))
+        assert len(losses) == 100
+        assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+
+
+def test_continual_mode_fine_tunes_from_the_previous_weights_on_new_and_hard_stacks():
+    old_items = [_stack(i) for i in range(3)]
+    previous = train_ensemble(old_items, _settings(iterations=10))
+    before = [_flat_weights(m).clone() for m in previous.members]
+    events = []
+    fresh = train_ensemble(old_items + [_stack(10), _stack(11)], _settings(iterations=10, seed=9))
+    updated = train_ensemble(old_items + [_stack(10), _stack(11)], _settings(iterations=10), mode="continual",
+                             previous=previous, progress=events.append)
+    for index, member in enumerate(updated.members):
+        moved = (_flat_weights(member) - before[index]).norm()
+        assert 0 < moved < 0.5 * (_flat_weights(fresh.members[index]) - before[index]).norm()
+        assert torch.equal(_flat_weights(previous.members[index]), before[index])  # previous untouched
+    selections = [e for e in events if "hard" in e]
+    assert [e["new"] for e in selections] == [2, 2] and all(0 <= e["hard"] <= 3 for e in selections)
+    assert updated.meta["train_ids"] == sorted([i.id for i in old_items] + ["stack_10", "stack_11"])
+    assert updated.meta["metrics"]["mode"] == "continual"
+
+
+def test_should_stop_cancels_and_leaves_the_previous_model_untouched():
+    items = [_stack(i) for i in range(2)]
+    previous = train_ensemble(items, _settings(ensemble_size=1, iterations=2))
+    before = _flat_weights(previous.members[0]).clone()
+    calls = []
+
+    def stop_on_third_call() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    with pytest.raises(TrainingCancelled):
+        train_ensemble(items + [_stack(5)], _settings(), mode="continual", previous=previous,
+                       should_stop=stop_on_third_call)
+    assert torch.equal(_flat_weights(previous.members[0]), before)
+
+
+def test_bad_training_input_is_rejected_with_a_clear_error():
+    good = _stack(0)
+    wrong_shape = TrainItem("bad", good.image_hu, good.label[:, :-1], SPACING_MM)
+    with pytest.raises(VolumeError, match="label of 'bad' shape"):
+        train_ensemble([wrong_shape], _settings())
+    with pytest.raises(VolumeError, match="must be binary"):
+        train_ensemble([TrainItem("bad", good.image_hu, good.label * 2, SPACING_MM)], _settings())
+    with pytest.raises(VolumeError, match="not a CT in Hounsfield units"):
+        train_ensemble([TrainItem("mr", (good.image_hu > 0).astype(np.float32), good.label, SPACING_MM)], _settings())
+    with pytest.raises(VolumeError, match="invalid spacing"):
+        train_ensemble([TrainItem("bad", good.image_hu, good.label, (5.0, 0.0, 1.0))], _settings())
+    with pytest.raises(ValueError, match="no labeled stacks"):
+        train_ensemble([], _settings())
+    with pytest.raises(ValueError, match="duplicate stack ids"):
+        train_ensemble([good, good], _settings())
+    with pytest.raises(ValueError, match="loss must be one of"):
+        train_ensemble([good], _settings(loss="mse"))
+    with pytest.raises(ValueError, match="continual mode needs the previous ensemble"):
+        train_ensemble([good], _settings(), mode="continual")
+
+
+def test_train_and_infer_clis_on_a_pool_folder(tmp_path):
+    pool, affine = tmp_path / "pool", np.diag([1.8, 1.8, 5.0, 1.0])
+    for index in range(3):
+        item = _stack(index, bleed=index != 1, size=40)
+        write_nifti(item.image_hu, affine, pool / f"{item.id}.nii.gz")
+        if index < 2:
+            write_nifti(item.label, affine, pool / "labels" / "final" / f"{item.id}.nii.gz")
+    model_path = tmp_path / "model.pt"
+    assert train_main(["--pool", str(pool), "--out", str(model_path), "--members", "1", "--iterations", "2",
+                       "--batch-size", "2"]) == 0
+    assert load_ensemble(model_path).meta["train_ids"] == ["stack_00", "stack_01"]
+    out = tmp_path / "predictions"
+    assert infer_main(["--model", str(model_path), "--images", str(pool), "--out", str(out)]) == 0
+    for index in range(3):
+        for kind in ("prob", "label", "js"):
+            written = read_nifti(out / f"stack_{index:02d}_{kind}.nii.gz")
+            assert written.array.shape == (4, 40, 40)
+            np.testing.assert_allclose(written.affine, affine)
