@@ -80,7 +80,7 @@ class HemorrhageDatastore(LocalDatastore):
             image = read_nifti(image_uri)
             mask = check_label(label.array, image.array.shape, name=f"label for {image_id!r}")
         except VolumeError as error:
-            raise client_error(f"label for {image_id!r} rejected: {error}", status=422) from error
+            raise client_error(f"label rejected: {error}", status=422) from error
         if not np.allclose(label.affine, image.affine, atol=1e-3):
             logger.info(f"label for {image_id} has a different affine; storing it on the image's grid")
         name = self._filename(image_id, ".nii.gz")

@@ -12,6 +12,7 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "ensemble_size": (int, 4, "committee members trained per ensemble"),
     "preset": (str, "cpu_small", "network preset: cpu_small (2 CPU cores) or drn38 (GPU)"),
     "train_iterations": (int, 300, "optimizer steps per member per training run"),
+    "train_batch_size": (int, 16, "patches per optimizer step"),
     "train_mode": (str, "retrain", "default training mode: retrain (from scratch) or continual (fine-tune)"),
     "device": (str, "cpu", "torch device for inference, scoring and training (cpu, cuda, cuda:1)"),
     "budget_minutes": (float, 60.0, "default labeling budget of a worklist when a request gives none"),
@@ -34,6 +35,7 @@ class AppSettings:
     ensemble_size: int
     preset: str
     train_iterations: int
+    train_batch_size: int
     train_mode: str
     device: str
     budget_minutes: float
@@ -63,7 +65,7 @@ class AppSettings:
         return settings
 
     def _check(self) -> None:
-        positive = ("ensemble_size", "train_iterations", "budget_minutes", "checkout_minutes", "idle_limit_seconds",
+        positive = ("ensemble_size", "train_iterations", "train_batch_size", "budget_minutes", "checkout_minutes", "idle_limit_seconds",
                     "unscored_stack_minutes")
         for name in positive:
             value = getattr(self, name)

@@ -54,7 +54,8 @@ class EnsembleTrain(TrainTask):
             label = read_nifti(datastore.get_label_uri(image_id, "final"))
             items.append(TrainItem(image_id, image.array, label.array, image.spacing_mm))
         settings = TrainSettings(
-            preset=s.preset, ensemble_size=s.ensemble_size, iterations=iterations, seed=s.seed, device=s.device
+            preset=s.preset, ensemble_size=s.ensemble_size, iterations=iterations, batch_size=s.train_batch_size,
+            seed=s.seed, device=s.device,
         )
         started = time.time()
         self._status({"state": "RUNNING", "mode": mode, "stacks": len(items), "started": started})
@@ -75,7 +76,7 @@ class EnsembleTrain(TrainTask):
             self._status({"state": "FAILED", "error": str(error), "ended": time.time()})
             raise
         result = {"state": "DONE", "mode": mode, "stacks": len(items), "version": model.meta.get("version"),
-                  "seconds": round(time.time() - started, 1), "metrics": model.meta.get("metrics", {}), "ended": time.time()}
+                  "seconds": round(time.time() - started, 1), "metrics": model.meta.get("metrics", {}), "ended": time.time(), "progress": None}
         self._status(result)
         return result
 
