@@ -1,0 +1,95 @@
+"""Does more labeled data help? Train the PatchFCN ensemble on N generated stacks, test on held-out ones.
+
+Kuo et al. 2018, section 5 (pixel/region/frame/stack AP); issue 3's check: 60 vs 200 training stacks,
+40 held-out stacks from a different generator seed. Prints a markdown table; --json writes the figures.
+
+    python benchmarks/train_eval.py --size 128 --train-counts 60 200 --test-count 40 --iterations 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ichal.ensemble import predict_stack, save_ensemble
+from ichal.metrics import DetectionEvaluator
+from ichal.phantom import generate_pool
+from ichal.train import TrainItem, TrainSettings, train_ensemble
+
+TEST_POOL_SEED_OFFSET = 1000  # test stacks come from generator seed `seed + 1000`: disjoint from training
+
+
+def _items(count: int, size: int, seed: int, desc: str) -> list[TrainItem]:
+    return [TrainItem(s.id, s.image_hu, s.label, s.spacing_mm)
+            for s in tqdm(generate_pool(count, size, seed), total=count, desc=desc, unit="stack")]
+
+
+def run(train_counts: list[int], test_count: int, size: int, settings: TrainSettings, seed: int,
+        checkpoint_dir: Path | None) -> list[dict]:
+    """Train one ensemble per count (nested subsets of one generated pool) and evaluate each on the test pool."""
+    train_items = _items(max(train_counts), size, seed, "generating training stacks")
+    test_items = _items(test_count, size, seed + TEST_POOL_SEED_OFFSET, "generating test stacks")
+    rows = []
+    for count in train_counts:
+        subset = train_items[:count]
+        total = settings.ensemble_size * settings.iterations
+        start = time.perf_counter()
+        with tqdm(total=total, desc=f"training on {count}", unit="it") as bar:
+            model = train_ensemble(subset, settings, progress=lambda event: bar.update(1))
+        train_seconds = time.perf_counter() - start
+        if checkpoint_dir is not None:
+            save_ensemble(model, checkpoint_dir / f"train_eval_{count}.pt")
+        evaluator = DetectionEvaluator()
+        start = time.perf_counter()
+        for item in tqdm(test_items, desc="evaluating", unit="stack"):
+            evaluator.update(predict_stack(model, item.image_hu, item.spacing_mm).mean_prob, item.label)
+        row = {"train_stacks": count, "positive_train_stacks": sum(bool(i.label.any()) for i in subset),
+               "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start} | evaluator.result()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| train stacks | pixel AP (bin bound) | region AP | frame AP | stack AP | Dice (pooled) "
+              "| mean Dice, bleed stacks | train s | eval s |")
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['train_stacks']} | {r['pixel_ap']:.3f} ({r['pixel_ap_bound']:.0e}) | {r['region_ap']:.3f} "
+            f"| {r['frame_ap']:.3f} | {r['stack_ap']:.3f} | {r['dice']:.3f} | {r['mean_dice_positive']:.3f} "
+            f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="in-plane pixels of generated stacks")
+    parser.add_argument("--train-counts", type=int, nargs="+", default=[60, 200])
+    parser.add_argument("--test-count", type=int, default=40)
+    parser.add_argument("--preset", default="cpu_small")
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--checkpoints", type=Path, help="folder to save each trained ensemble")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = TrainSettings(preset=args.preset, ensemble_size=args.members, iterations=args.iterations,
+                             batch_size=args.batch_size, seed=args.seed)
+    rows = run(sorted(args.train_counts), args.test_count, args.size, settings, args.seed, args.checkpoints)
+    print(markdown_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
