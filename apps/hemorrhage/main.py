@@ -23,6 +23,7 @@ from lib.scoring import CommitteeScoring
 from lib.settings import CONF_KEYS, AppSettings
 from lib.strategies import STRATEGY_DESCRIPTIONS, BudgetedStrategy
 from lib.trainers import EnsembleTrain
+from ohif_route import fix_ohif_route
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,13 @@ class HemorrhageApp(MONAILabelApp):
             "settings": {key: getattr(self.settings, key) for key in CONF_KEYS},
         }
         return meta
+
+    def on_init_complete(self) -> None:
+        # Only the server process gets here (not the train/scoring subprocesses): fix the bundled OHIF route.
+        from monailabel.app import app as server
+
+        fix_ohif_route(server)
+        super().on_init_complete()
 
     def _on_final_label(self, image_id: str, client: str | None, label_path: str) -> None:
         client = client or self.context.checkouts.holder(image_id) or "anonymous"
