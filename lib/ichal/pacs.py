@@ -201,3 +201,38 @@ def list_labeled_series(url: str) -> dict[str, str]:
         if source_uid not in latest or stamp >= latest[source_uid][0]:
             latest[source_uid] = (stamp, ref.series_uid)
     return {source_uid: seg_uid for source_uid, (_, seg_uid) in latest.items()}
+
+
+def series_folders(root: Path | str) -> list[Path]:
+    """Folders at or under `root` that directly hold `*.dcm` files (one series each), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"DICOM folder {root} does not exist")
+    return sorted({path.parent for path in root.rglob("*.dcm")})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m ichal.pacs upload URL FOLDER...`: STOW every series folder found under FOLDERs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ichal.pacs", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    upload = commands.add_parser("upload", help="upload DICOM series (one per folder) over STOW-RS")
+    upload.add_argument("url", help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    upload.add_argument("folders", nargs="+", type=Path)
+    upload.add_argument("--wait-seconds", type=float, default=30.0, help="wait this long for the PACS to answer")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    wait_for_pacs(args.url, args.wait_seconds)
+    folders = [folder for root in args.folders for folder in series_folders(root)]
+    if not folders:
+        parser.error(f"no *.dcm files under {[str(f) for f in args.folders]}")
+    started = time.perf_counter()
+    for folder in folders:
+        study_uid, series_uid = stow_series(args.url, folder)
+        logger.info("stored %s -> study %s series %s", folder, study_uid, series_uid)
+    logger.info("uploaded %d series in %.1f s", len(folders), time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

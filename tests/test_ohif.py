@@ -1,0 +1,154 @@
+"""OHIF served by our server: the nested-path fix (apps/hemorrhage/ohif_route.py) and a real Chromium
+opening a PACS study through `monailabel start_server --studies <Orthanc DICOMweb>`."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import fastapi
+import numpy as np
+import pytest
+import server_fixtures
+from fastapi.testclient import TestClient
+from monailabel.endpoints import ohif as monailabel_ohif
+from PIL import Image
+from pacs_fixtures import ct_series_dir, orthanc_url  # noqa: F401  (fixtures)
+
+from ichal import pacs
+
+ROUTE_FILE = server_fixtures.REPO / "apps" / "hemorrhage" / "ohif_route.py"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+# Set to a path (e.g. docs/images/ohif_pacs_study.png) to keep the screenshot; else it stays in tmp.
+SCREENSHOT_ENV = "ICHAL_OHIF_SCREENSHOT"
+VIEWPORT_CANVAS = "canvas.cornerstone-canvas"
+MIN_CANVAS_STD = 5.0  # grey levels: a drawn head slice on black air is far above, a blank canvas is 0
+
+
+def load_route_module():
+    spec = importlib.util.spec_from_file_location("ohif_route", ROUTE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ohif_route = load_route_module()
+ASSET = "assets/favicon-32x32.png"
+
+
+def monailabel_like_app() -> fastapi.FastAPI:
+    """A FastAPI app with monailabel's own /ohif router, as monailabel.app registers it."""
+    app = fastapi.FastAPI()
+    app.include_router(monailabel_ohif.router)
+    return app
+
+
+def test_unfixed_route_answers_nested_asset_with_index_html():
+    # The 0.8.5 bug the fix exists for; if this fails, monailabel fixed it and ohif_route can go.
+    response = TestClient(monailabel_like_app()).get(f"/ohif/{ASSET}")
+    assert response.headers["content-type"].startswith("text/html")
+
+
+def test_fixed_route_serves_index_nested_assets_and_client_routes():
+    app = monailabel_like_app()
+    ohif_route.fix_ohif_route(app)
+    client = TestClient(app)
+    index = (ohif_route.OHIF_DIR / "index.html").read_bytes()
+    assert client.get("/ohif/").content == index
+    assert client.get("/ohif/viewer?StudyInstanceUIDs=1.2.3").content == index
+    asset = client.get(f"/ohif/{ASSET}")
+    assert asset.headers["content-type"] == "image/png"
+    assert asset.content == (ohif_route.OHIF_DIR / ASSET).read_bytes()
+    script = client.get("/ohif/dicom-microscopy-viewer/dicomMicroscopyViewer.min.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+
+
+def test_fixed_route_refuses_paths_outside_the_ohif_folder():
+    app = monailabel_like_app()
+    ohif_route.fix_ohif_route(app)
+    response = TestClient(app).get("/ohif/..%2F..%2F..%2Fconfig.py")
+    assert response.status_code == 404
+
+
+def test_fix_is_idempotent():
+    app = monailabel_like_app()
+    ohif_route.fix_ohif_route(app)
+    ohif_route.fix_ohif_route(app)
+    endpoints = [getattr(route, "endpoint", None) for route in app.router.routes]
+    assert endpoints.count(ohif_route.get_ohif_file) == 1
+
+
+MINIMAL_APP = '''"""Test-only MONAI Label app: no tasks, serves OHIF for a DICOMweb datastore."""
+import monailabel.app
+from monailabel.interfaces.app import MONAILabelApp
+from ohif_route import fix_ohif_route
+
+
+class OhifOnlyApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="ohif-test", description="OHIF only")
+
+    def _download_dcmqi_tools(self):
+        """No dcmqi download: SEGs are written with highdicom."""
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        fix_ohif_route(monailabel.app.app)
+'''
+
+
+@pytest.fixture
+def ohif_server(orthanc_url: str, tmp_path: Path) -> Iterator[str]:  # noqa: F811
+    """Base URL of `monailabel start_server` on a minimal app whose studies are the Orthanc."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "main.py").write_text(MINIMAL_APP)
+    shutil.copy(ROUTE_FILE, app_dir / "ohif_route.py")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server_fixtures, "APP_DIR", app_dir)
+        patch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicom_cache"))
+        with server_fixtures.running_server(orthanc_url, {}, tmp_path / "server.log", timeout_s=120) as url:
+            yield url
+
+
+@pytest.mark.integration
+def test_chromium_renders_pacs_study_in_ohif(ohif_server: str, orthanc_url: str, ct_series_dir: Path, tmp_path: Path):  # noqa: F811
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed: run scripts/install_system_deps.sh")
+    study_uid, _ = pacs.stow_series(orthanc_url, ct_series_dir)
+    screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ohif.png")
+    html_assets: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+
+            def on_response(response) -> None:
+                is_asset = "/ohif/" in response.url and Path(response.url.split("?")[0]).suffix
+                if is_asset and response.headers.get("content-type", "").startswith("text/html"):
+                    html_assets.append(response.url)
+
+            page.on("response", on_response)
+            page.goto(f"{ohif_server}/ohif/viewer?StudyInstanceUIDs={study_uid}", timeout=120_000)
+            viewport = page.locator(VIEWPORT_CANVAS).first
+            viewport.wait_for(timeout=60_000)
+            contrast = 0.0
+            for _ in range(60):  # until the slice is drawn (the canvas is black before)
+                contrast = float(np.asarray(Image.open(io.BytesIO(viewport.screenshot())).convert("L")).std())
+                if contrast > MIN_CANVAS_STD:
+                    break
+                page.wait_for_timeout(1_000)
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot))
+            body_text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert contrast > MIN_CANVAS_STD, f"viewer canvas stayed blank (grey-level std {contrast:.1f}); see {screenshot}"
+    assert "CT" in body_text and "error" not in body_text.lower(), f"unexpected page: {body_text[:300]}"
+    assert html_assets == [], f"assets answered with HTML (route bug): {html_assets}"
