@@ -85,17 +85,17 @@ def wait_for_pacs(url: str, timeout_seconds: float = 30.0, poll_seconds: float =
 
 
 def _read_folder(folder: Path) -> list[Dataset]:
-    """All DICOM files directly in `folder` (any name; non-DICOM files raise)."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The `*.dcm` files directly in `folder`, read with pydicom."""
+    files = sorted(folder.glob("*.dcm"))
     if not files:
-        raise ValueError(f"no files to upload in DICOM folder {folder}")
+        raise ValueError(f"no *.dcm files to upload in DICOM folder {folder}")
     return [pydicom.dcmread(p) for p in files]
 
 
 def stow_series(url: str, source: Sequence[Dataset] | Path | str) -> tuple[str, str]:
     """Upload one series over STOW-RS; returns (StudyInstanceUID, SeriesInstanceUID).
 
-    `source` is a sequence of datasets or a folder of DICOM files of ONE series (a SEG is a
+    `source` is a sequence of datasets or a folder of `*.dcm` files of ONE series (a SEG is a
     series of one). Storing again the same instances is harmless (Orthanc keeps one copy).
     Raises ValueError for an empty or mixed-series source, PacsError if the PACS rejects an
     instance, PacsUnavailable if it cannot be reached.
