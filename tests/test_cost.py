@@ -57,35 +57,42 @@ def test_mask_features_reject_bad_input():
         mask_features(np.zeros((1, 4, 4)), (1.0, 1.0, 1.0), thresholds=(0.0,))
 
 
-def _synthetic_times(n: int, a: float, b: float, c: float, noise: float, seed: int):
+def _synthetic_times(n: int, a: float, b: float, c: float, d: float, noise: float, seed: int):
+    """Features (40% empty stacks) and seconds from the model's own form with lognormal noise."""
     rng = np.random.default_rng(seed)
-    boundary_mm = np.exp(rng.uniform(0, 9, n)) - 1
-    components = rng.integers(0, 9, n).astype(float)
-    log_t = a * np.log1p(boundary_mm) + b * np.log1p(components) + c + rng.normal(0, noise, n)
+    has_bleed = rng.random(n) > 0.4
+    boundary_mm = np.where(has_bleed, np.exp(rng.uniform(1, 9, n)), 0.0)
+    components = np.where(has_bleed, rng.integers(1, 9, n), 0).astype(float)
+    log_t = (a * np.log1p(boundary_mm) + b * np.log1p(components) + c + d * has_bleed
+             + rng.normal(0, noise, n))
     return np.column_stack([boundary_mm, components]), np.exp(log_t)
 
 
+_TRUE = {"a": 0.6, "b": 0.4, "c": 3.5, "d": -1.2}
+
+
 def test_time_model_recovers_known_coefficients_from_noisy_data():
-    features, seconds = _synthetic_times(400, a=0.6, b=0.4, c=3.5, noise=0.3, seed=3)
+    features, seconds = _synthetic_times(400, **_TRUE, noise=0.3, seed=3)
     model = LabelTimeModel().fit(features, seconds)
-    assert model.coef_ == pytest.approx([0.6, 0.4], abs=0.05)
-    assert model.intercept_ == pytest.approx(3.5, abs=0.15)
+    assert model.coef_ == pytest.approx([0.6, 0.4, -1.2], abs=0.1)
+    assert model.intercept_ == pytest.approx(3.5, abs=0.1)
     assert model.residual_std_ == pytest.approx(0.3, abs=0.04)
     assert model.source_ == "measured" and model.n_ == 400 and model.r2_ > 0.9
 
 
 def test_time_model_expected_seconds_make_batch_totals_unbiased():
-    features, seconds = _synthetic_times(2000, a=0.6, b=0.4, c=3.5, noise=0.5, seed=4)
+    features, seconds = _synthetic_times(2000, **_TRUE, noise=0.5, seed=4)
     model = LabelTimeModel().fit(features[:1000], seconds[:1000])
     assert model.predict(features[1000:]).sum() == pytest.approx(seconds[1000:].sum(), rel=0.06)
 
 
 def test_time_model_uses_prior_below_min_samples_and_says_so():
-    features, seconds = _synthetic_times(9, a=0.6, b=0.4, c=3.5, noise=0.3, seed=5)
+    features, seconds = _synthetic_times(9, **_TRUE, noise=0.3, seed=5)
     model = LabelTimeModel(min_samples=10).fit(features, seconds)
     info = model.describe()
     assert info["source"] == "prior" and info["n"] == 9
-    assert (info["a"], info["b"], info["c"]) == (DEFAULT_PRIOR.a, DEFAULT_PRIOR.b, DEFAULT_PRIOR.c)
+    prior = (DEFAULT_PRIOR.a, DEFAULT_PRIOR.b, DEFAULT_PRIOR.c, DEFAULT_PRIOR.d)
+    assert (info["a"], info["b"], info["c"], info["d"]) == prior
     empty = LabelTimeModel().fit(np.zeros((0, 2)), np.zeros(0))
     assert empty.describe()["source"] == "prior" and empty.r2_ is None
     assert empty.predict(np.array([[0.0, 0.0]]))[0] == pytest.approx(
@@ -93,20 +100,24 @@ def test_time_model_uses_prior_below_min_samples_and_says_so():
     )
 
 
-def test_time_model_uses_prior_when_times_cannot_determine_coefficients():
-    model = LabelTimeModel().fit(np.zeros((20, 2)), np.full(20, 60.0))  # every stack empty
-    assert model.source_ == "prior"
+def test_time_model_keeps_prior_only_for_coefficients_the_times_cannot_determine():
+    rng = np.random.default_rng(9)
+    empty_seconds = np.exp(rng.normal(math.log(45.0), 0.2, 20))
+    model = LabelTimeModel().fit(np.zeros((20, 2)), empty_seconds)  # every stack empty: only c is known
+    assert model.source_ == "measured"
+    assert model.intercept_ == pytest.approx(np.log(empty_seconds).mean(), abs=1e-4)
+    assert model.coef_ == pytest.approx([DEFAULT_PRIOR.a, DEFAULT_PRIOR.b, DEFAULT_PRIOR.d], abs=1e-4)
 
 
 def test_time_model_keeps_its_parameters_and_returns_self():
     model = LabelTimeModel(min_samples=12)
-    features, seconds = _synthetic_times(30, a=0.6, b=0.4, c=3.5, noise=0.3, seed=6)
+    features, seconds = _synthetic_times(30, **_TRUE, noise=0.3, seed=6)
     assert model.fit(features, seconds) is model
     assert model.min_samples == 12 and model.prior is DEFAULT_PRIOR
 
 
 def test_time_model_accepts_mask_features_objects():
-    features, seconds = _synthetic_times(30, a=0.6, b=0.4, c=3.5, noise=0.3, seed=7)
+    features, seconds = _synthetic_times(30, **_TRUE, noise=0.3, seed=7)
     as_objects = [MaskFeatures(boundary_mm=float(b), n_components=float(m)) for b, m in features]
     np.testing.assert_allclose(
         LabelTimeModel().fit(as_objects, seconds).predict(as_objects),
@@ -115,12 +126,12 @@ def test_time_model_accepts_mask_features_objects():
 
 
 def test_time_model_save_load_round_trip(tmp_path):
-    features, seconds = _synthetic_times(50, a=0.6, b=0.4, c=3.5, noise=0.3, seed=8)
+    features, seconds = _synthetic_times(50, **_TRUE, noise=0.3, seed=8)
     model = LabelTimeModel().fit(features, seconds)
     path = tmp_path / "time_model.json"
     model.save(path)
     record = json.loads(path.read_text())
-    assert {"a", "b", "c", "n", "r2", "residual_std", "fit_date", "source"} <= record.keys()
+    assert {"a", "b", "c", "d", "n", "r2", "residual_std", "fit_date", "source"} <= record.keys()
     loaded = LabelTimeModel.load(path)
     np.testing.assert_allclose(loaded.predict(features), model.predict(features))
     assert loaded.describe() == model.describe()

@@ -1,6 +1,6 @@
 """Labeling cost: mask features (boundary length, component count) and the log-linear labeling-time model.
 
-Follows Kuo et al. 2018, section 3.2 (eq. 2): log t = a log(1 + B) + b log(1 + M) + c.
+Follows Kuo et al. 2018, section 3.2 (eq. 2), log t = a log(1+B) + b log(1+M) + c, plus d for stacks with a bleed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sklearn.exceptions import NotFittedError
 
 from ichal.io import atomic_write_bytes
 
-_JSON_KEYS = ("a", "b", "c", "n", "r2", "residual_std", "fit_date", "source", "min_samples")
+_JSON_KEYS = ("a", "b", "c", "d", "n", "r2", "residual_std", "fit_date", "source", "min_samples")
 
 
 class TimeModelError(ValueError):
@@ -40,19 +40,24 @@ class MaskFeatures:
 
 @dataclass(frozen=True)
 class TimePrior:
-    """Coefficients used until enough measured times exist: log t = a log(1+B) + b log(1+M) + c."""
+    """Coefficients used until enough measured times exist (see `LabelTimeModel` for the formula)."""
 
     a: float
     b: float
     c: float
+    d: float
     residual_std: float
 
 
 # Literature-sized prior (Kuo et al. 2018, section 3.2 and Fig. 3: per-stack times span ~3 orders of
 # magnitude, from under a minute to hours). With these numbers a stack without bleed costs
-# exp(c) = 60 s (open and review), a small bleed (B = 100 mm, M = 1) about 9 min, and a large
-# multi-focal one (B = 5000 mm, M = 3) about 70 min; a residual spread of 0.5 in log t is a factor ~1.6.
-DEFAULT_PRIOR = TimePrior(a=0.45, b=0.30, c=math.log(60.0), residual_std=0.5)
+# exp(c) = 60 s (open and review), a tiny bleed (B = 5 mm, M = 1) about 80 s, a small one (B = 100 mm,
+# M = 1) about 7 min, and a large multi-focal one (B = 5000 mm, M = 3) about 90 min; a residual
+# spread of 0.5 in log t is a factor ~1.6.
+DEFAULT_PRIOR = TimePrior(a=0.60, b=0.30, c=math.log(60.0), d=-1.0, residual_std=0.5)
+# Pull of the least-squares fit toward the prior: negligible where the measured times determine a
+# coefficient, decisive where they cannot (e.g. every measured stack empty leaves a, b, d unknown).
+_PRIOR_PULL = 1e-6
 
 
 def _contour_length_mm(slice_prob: np.ndarray, level: float, spacing_yx_mm: tuple[float, float]) -> float:
@@ -115,17 +120,22 @@ def _feature_matrix(features: Sequence[MaskFeatures] | np.ndarray) -> np.ndarray
 
 
 def _design(matrix: np.ndarray) -> np.ndarray:
-    """(n, 3) regressors [log(1+B), log(1+M), 1]."""
-    return np.column_stack([np.log1p(matrix[:, 0]), np.log1p(matrix[:, 1]), np.ones(len(matrix))])
+    """(n, 4) regressors [log(1+B), log(1+M), min(M, 1), 1]: min(M, 1) is 1 for a stack with a bleed."""
+    components = matrix[:, 1]
+    return np.column_stack([np.log1p(matrix[:, 0]), np.log1p(components), np.minimum(components, 1.0),
+                            np.ones(len(matrix))])
 
 
 class LabelTimeModel:
     """Predicts per-stack labeling seconds from mask features (scikit-learn estimator contract).
 
-    `fit` estimates log t = a log(1+B) + b log(1+M) + c by least squares on measured times. With fewer
-    than `min_samples` times, or times that cannot determine three coefficients (e.g. every stack
-    empty), it keeps `prior` and reports source "prior". Learned: `coef_` = (a, b), `intercept_` = c,
-    `n_`, `r2_` (None when undefined), `residual_std_` (of log t), `fit_date_`, `source_`.
+    log t = a log(1+B) + b log(1+M) + c + d min(M, 1): the paper's eq. 2 for stacks with a bleed, whose
+    log B is undefined for empty stacks; exp(c) is the time of an empty stack (open and review) and d
+    shifts the line of stacks with a bleed (M >= 1; M averaged over thresholds may be fractional).
+    `fit` estimates it by least squares on measured times; coefficients the times cannot determine
+    (e.g. all stacks empty) stay at `prior`. With fewer than `min_samples` times it keeps `prior`
+    and reports source "prior". Learned: `coef_` = (a, b, d), `intercept_` = c, `n_`, `r2_` (None
+    when undefined), `residual_std_` (of log t), `fit_date_`, `source_`.
     """
 
     def __init__(self, min_samples: int = 10, prior: TimePrior = DEFAULT_PRIOR) -> None:
@@ -134,8 +144,8 @@ class LabelTimeModel:
 
     def fit(self, features: Sequence[MaskFeatures] | np.ndarray, seconds: np.ndarray) -> LabelTimeModel:
         """Fit on `features` (n stacks) and measured labeling `seconds` (n,), all > 0. Returns self."""
-        if int(self.min_samples) != self.min_samples or self.min_samples < 4:
-            raise TimeModelError(f"min_samples must be an integer >= 4 (three coefficients); got {self.min_samples}")
+        if int(self.min_samples) != self.min_samples or self.min_samples < 5:
+            raise TimeModelError(f"min_samples must be an integer >= 5 (four coefficients); got {self.min_samples}")
         matrix = _feature_matrix(features)
         times = np.asarray(seconds, dtype=np.float64).ravel()
         if len(times) != len(matrix):
@@ -143,19 +153,22 @@ class LabelTimeModel:
         if not np.isfinite(times).all() or (times <= 0).any():
             raise TimeModelError("labeling seconds must be finite and positive")
         design, log_times = _design(matrix), np.log(times)
-        measured = len(times) >= self.min_samples and np.linalg.matrix_rank(design) == 3
+        prior = np.array([self.prior.a, self.prior.b, self.prior.d, self.prior.c])
+        measured = len(times) >= self.min_samples
         if measured:
-            coefficients = np.linalg.lstsq(design, log_times, rcond=None)[0]
+            gram = design.T @ design + _PRIOR_PULL * np.eye(4)
+            coefficients = np.linalg.solve(gram, design.T @ log_times + _PRIOR_PULL * prior)
             residuals = log_times - design @ coefficients
-            self.residual_std_ = float(np.sqrt((residuals**2).sum() / (len(times) - 3)))
+            dof = max(len(times) - int(np.linalg.matrix_rank(design)), 1)
+            self.residual_std_ = float(np.sqrt((residuals**2).sum() / dof))
         else:
-            coefficients = np.array([self.prior.a, self.prior.b, self.prior.c])
+            coefficients = prior
             residuals = log_times - design @ coefficients
             self.residual_std_ = float(self.prior.residual_std)
         total_variation = float(((log_times - log_times.mean()) ** 2).sum()) if len(times) else 0.0
         self.r2_ = 1.0 - float((residuals**2).sum()) / total_variation if total_variation > 0 else None
-        self.coef_ = coefficients[:2].copy()
-        self.intercept_ = float(coefficients[2])
+        self.coef_ = coefficients[:3].copy()
+        self.intercept_ = float(coefficients[3])
         self.n_ = int(len(times))
         self.source_ = "measured" if measured else "prior"
         self.fit_date_ = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -179,12 +192,13 @@ class LabelTimeModel:
         return np.exp(self.predict_log(features) + 0.5 * self.residual_std_**2)
 
     def describe(self) -> dict:
-        """What the server shows: coefficients, n, r2, residual_std (log t), fit date, source."""
+        """What the server shows: coefficients a, b, c, d, n, r2, residual_std (log t), fit date, source."""
         self._check_fitted()
         return {
             "a": float(self.coef_[0]),
             "b": float(self.coef_[1]),
             "c": self.intercept_,
+            "d": float(self.coef_[2]),
             "n": self.n_,
             "r2": self.r2_,
             "residual_std": self.residual_std_,
@@ -210,11 +224,11 @@ class LabelTimeModel:
             raise TimeModelError(f"labeling-time model {path} lacks {missing}")
         if record["source"] not in ("prior", "measured"):
             raise TimeModelError(f"labeling-time model {path} has unknown source {record['source']!r}")
-        numbers = [record[key] for key in ("a", "b", "c", "residual_std")]
+        numbers = [record[key] for key in ("a", "b", "c", "d", "residual_std")]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers) or record["residual_std"] < 0:
             raise TimeModelError(f"labeling-time model {path} has non-numeric or invalid coefficients")
         model = cls(min_samples=int(record["min_samples"]))
-        model.coef_ = np.array([float(record["a"]), float(record["b"])])
+        model.coef_ = np.array([float(record["a"]), float(record["b"]), float(record["d"])])
         model.intercept_ = float(record["c"])
         model.n_ = int(record["n"])
         model.r2_ = None if record["r2"] is None else float(record["r2"])
