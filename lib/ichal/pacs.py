@@ -63,10 +63,17 @@ def _pacs_errors(url: str, action: str) -> Iterator[None]:
 
 
 def make_client(url: str) -> DICOMwebClient:
-    """DICOMweb client for a root URL such as `http://127.0.0.1:8042/dicom-web`."""
+    """DICOMweb client for a root URL such as `http://127.0.0.1:8042/dicom-web`.
+
+    dicomweb-client's own retries are off: they retry every exception (a refused connection
+    too) 5 times with exponential back-off, 30 s before a down PACS is reported. Callers that
+    want to wait use `wait_for_pacs`.
+    """
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"DICOMweb URL '{url}' must start with http:// or https://")
-    return DICOMwebClient(url=url.rstrip("/"))
+    client = DICOMwebClient(url=url.rstrip("/"))
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def wait_for_pacs(url: str, timeout_seconds: float = 30.0, poll_seconds: float = 0.2) -> None:
@@ -191,7 +198,8 @@ def list_labeled_series(url: str) -> dict[str, str]:
     for ref in list_series(url, modality="SEG"):
         with _pacs_errors(url, f"retrieve metadata of SEG series {ref.series_uid}"):
             metadata = client.retrieve_series_metadata(ref.study_uid, ref.series_uid)
-        seg = Dataset.from_json(metadata[0])
+        # Only header attributes are needed: bulk data (the frames) are left out, not fetched.
+        seg = Dataset.from_json(metadata[0], bulk_data_uri_handler=lambda uri: b"")
         referenced = seg.get("ReferencedSeriesSequence")
         if not referenced:
             logger.info("skipping SEG series %s: it references no source series", ref.series_uid)
