@@ -95,9 +95,10 @@ def sample_head(rng: np.random.Generator) -> HeadParams:
     atrophy = float(rng.beta(1.5, 3.0))
     ventricle_scale = 0.75 + 0.9 * atrophy + _uniform(rng, -0.05, 0.15)
     ranges = TISSUE_HU_RANGES
-    tissue_hu = {name: _uniform(rng, low, high) for name, (low, high) in ranges.items()}
+    per_bleed = ("blood", "edema")  # drawn per bleed in ichal.phantom.bleeds
+    tissue_hu = {name: _uniform(rng, low, high) for name, (low, high) in ranges.items() if name not in per_bleed}
     tissue_hu["gray_matter"] = _uniform(rng, 36.0, 41.0)
-    tissue_hu["white_matter"] = tissue_hu["gray_matter"] - _uniform(rng, 8.0, 12.0)
+    tissue_hu["white_matter"] = float(np.clip(tissue_hu["gray_matter"] - _uniform(rng, 8.0, 12.0), *ranges["white_matter"]))
     tissue_hu["csf"] = _uniform(rng, 2.0, 12.0)
     tissue_hu["bone"] = _uniform(rng, 1200.0, 1450.0)
     s = ventricle_scale
@@ -217,12 +218,25 @@ class SliceCanvas:
         self.crop_index = crop_index
         self.hu = np.full(shape, TISSUE_HU_RANGES["air"][0], dtype=np.float32)
         self.tissue = np.zeros(shape, dtype=np.uint8)
+        self.blood = np.zeros(shape, dtype=np.float32)
 
     def paint(self, fraction: np.ndarray, value_hu: float | np.ndarray, tissue: str, window=(slice(None), slice(None))) -> None:
-        """Blend `value_hu` in with weight `fraction` inside `window`; voxels >= 50% become `tissue`."""
+        """Blend `value_hu` in with weight `fraction` inside `window`; voxels >= 50% become `tissue`.
+
+        `blood` tracks the share of each voxel that is still acute blood after everything painted over it.
+        """
         hu = self.hu[window]
         hu += fraction * (value_hu - hu)
-        self.tissue[window][fraction >= 0.5] = TISSUE_CODES[tissue]
+        blood = self.blood[window]
+        blood *= 1.0 - fraction
+        if tissue == "blood":
+            blood += fraction
+        else:
+            self.tissue[window][fraction >= 0.5] = TISSUE_CODES[tissue]
+
+    def finish(self) -> None:
+        """Mark voxels that ended up at least half acute blood as blood in the tissue map."""
+        self.tissue[self.blood >= 0.5] = TISSUE_CODES["blood"]
 
     def paint_ellipsoid(
         self, ellipsoid: Ellipsoid, value_hu: float, tissue: str, accumulate: np.ndarray | None = None, clear: np.ndarray | None = None
@@ -342,7 +356,7 @@ def render_intracranial(head: HeadParams, fields: NoiseFields, canvas: SliceCanv
     width = partial_volume_width(px, inner_nz * grid.dwdz)
     cavity_sdf = np.maximum(inner_sdf, below_floor)
     depth = -cavity_sdf
-    canvas.paint(soft_inside(cavity_sdf - 2.0 * px, width), hu["csf"], "csf")
+    canvas.paint(soft_inside(cavity_sdf - 0.5 * width, width), hu["csf"], "csf")
     csf_gap = 0.6 + 2.2 * head.atrophy
     brain = soft_inside(cavity_sdf + csf_gap, width)
     canvas.paint(brain, hu["gray_matter"] + head.texture_hu * texture, "gray_matter")
@@ -352,7 +366,7 @@ def render_intracranial(head: HeadParams, fields: NoiseFields, canvas: SliceCanv
     vault_depth = -inner_sdf
     g_low, grad_low = _sulcal_field(head, fields, low, vault_depth[np.ix_(low_index, low_index)], texture_low)
     distance_to_sulcus = np.abs(upsample(g_low, grid.u.shape)) / upsample(grad_low, grid.u.shape)
-    sulcal_depth = 12.0 + 6.0 * texture
+    sulcal_depth = np.maximum(12.0 + 6.0 * texture, 4.0)
     taper = np.clip(1.0 - vault_depth / sulcal_depth, 0.0, 1.0)
     half_width = (0.3 + 0.8 * head.atrophy + 0.2 * texture) * taper
     obliquity = np.clip(0.6 + 0.3 * cells, 0.3, 1.0)  # sulci cut obliquely by 5 mm slices look fainter

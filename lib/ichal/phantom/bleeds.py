@@ -117,13 +117,13 @@ def sample_bleeds(rng: np.random.Generator, head: HeadParams) -> list[Bleed]:
     return [sample_bleed(rng, head, BLEED_KINDS[int(k)]) for k in kinds]
 
 
-def _extra_axial(bleed: Bleed, grid: SliceGrid, context: AnatomyContext, lens: bool, beyond_mm: float) -> np.ndarray:
+def _extra_axial(bleed: Bleed, grid: SliceGrid, context: AnatomyContext, lens: bool, beyond_mm: float | np.ndarray) -> np.ndarray:
     """Epidural lens (convex, `lens`) or subdural crescent hugging the inner table, extended `beyond_mm` into it."""
     distance = np.sqrt((grid.u - bleed.centre[0]) ** 2 + (grid.v - bleed.centre[1]) ** 2 + (grid.w - bleed.centre[2]) ** 2)
     along = np.clip(1.0 - (distance / bleed.radius_mm) ** 2, 0.0, None)
     thickness = bleed.thickness_mm * (along if lens else along**0.35)
     depth = context.cavity_depth_mm
-    fraction = soft_inside(np.maximum(-depth - beyond_mm, depth - thickness), grid.pixel_mm) * (thickness > 0)
+    fraction = soft_inside(np.maximum(-depth - beyond_mm, depth - thickness), context.inner_width_mm) * (thickness > 0)
     if not lens:  # the falx stops a subdural at the midline
         fraction = fraction * soft_inside(-grid.u * np.sign(bleed.centre[0] or 1.0), grid.pixel_mm)
     return fraction
@@ -140,33 +140,22 @@ def _lobulated_sdf(bleed: Bleed, grid: SliceGrid, grow_mm: float) -> np.ndarray:
     return distance - wobble * bleed.radius_mm - grow_mm
 
 
-@dataclass(frozen=True)
-class BleedFractions:
-    """Per-slice fractions (Y, X) of one bleed: what to paint, the true blood share, and the edema rim."""
+def bleed_fractions(bleed: Bleed, grid: SliceGrid, context: AnatomyContext, head: HeadParams) -> tuple[np.ndarray, np.ndarray | None]:
+    """Blood fraction (Y, X) of `bleed` on this slice and its edema fraction (intraparenchymal only).
 
-    paint: np.ndarray
-    blood: np.ndarray
-    edema: np.ndarray | None = None
-
-
-def bleed_fractions(bleed: Bleed, grid: SliceGrid, context: AnatomyContext, head: HeadParams) -> BleedFractions:
-    """Fractions of `bleed` on this slice; extra-axial blood is painted under the inner table, which the skull covers."""
+    Extra-axial blood is extended half an edge width under the inner table; the skull painted afterwards
+    covers exactly its own share, so edge voxels mix blood and bone as in a real scan.
+    """
     if bleed.kind in ("epidural", "subdural"):
-        lens = bleed.kind == "epidural"
-        return BleedFractions(
-            paint=_extra_axial(bleed, grid, context, lens, beyond_mm=2.0 * grid.pixel_mm),
-            blood=_extra_axial(bleed, grid, context, lens, beyond_mm=0.0),
-        )
+        return _extra_axial(bleed, grid, context, bleed.kind == "epidural", 0.5 * context.inner_width_mm), None
     if bleed.kind == "intraparenchymal":
         inside_brain = soft_inside(2.0 - context.cavity_depth_mm, grid.pixel_mm)
         blood = soft_inside(_lobulated_sdf(bleed, grid, 0.0), grid.pixel_mm) * inside_brain
         edema = soft_inside(_lobulated_sdf(bleed, grid, bleed.edema_mm), 1.5 * grid.pixel_mm + 1.5) * inside_brain
-        return BleedFractions(paint=blood, blood=blood, edema=edema * context.parenchyma)
+        return blood, edema * context.parenchyma
     if bleed.kind == "intraventricular":
-        blood = head.ventricles[bleed.ventricle].fraction(grid) * soft_inside(bleed.centre[1] - grid.v, grid.pixel_mm)
-        return BleedFractions(paint=blood, blood=blood)
+        return head.ventricles[bleed.ventricle].fraction(grid) * soft_inside(bleed.centre[1] - grid.v, grid.pixel_mm), None
     if bleed.kind == "subarachnoid":
         distance = np.sqrt((grid.u - bleed.centre[0]) ** 2 + (grid.v - bleed.centre[1]) ** 2 + (grid.w - bleed.centre[2]) ** 2)
-        blood = context.subarachnoid * soft_inside(distance - bleed.radius_mm, 3.0)
-        return BleedFractions(paint=blood, blood=blood)
+        return context.subarachnoid * soft_inside(distance - bleed.radius_mm, 3.0), None
     raise ValueError(f"unknown bleed kind {bleed.kind!r}; expected one of {BLEED_KINDS}")

@@ -97,11 +97,14 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
     size = check_size(size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise PhantomError(f"seed must be a non-negative integer, got {seed!r}")
-    rng = np.random.default_rng(int(seed))
-    head = sample_head(rng)
-    fields = sample_noise_fields(rng)
-    bleeds = sample_bleeds(rng, head)
-    streaks = sample_streaks(rng)
+    # Independent streams per component, so that changing one model part leaves the others' draws alone.
+    head_rng, field_rng, bleed_rng, streak_rng, rng = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(int(seed)).spawn(5)
+    )
+    head = sample_head(head_rng)
+    fields = sample_noise_fields(field_rng)
+    bleeds = sample_bleeds(bleed_rng, head)
+    streaks = sample_streaks(streak_rng)
     n_slices = int(rng.integers(SLICE_COUNT_RANGE[0], SLICE_COUNT_RANGE[1] + 1))
     low, high = NOISE_STD_RANGE_HU
     noise_std_hu = float(low + (high - low) * rng.beta(1.5, 3.0))
@@ -132,16 +135,17 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
             reach = _bleed_reach_mm(bleed, max(head.ventricles[bleed.ventricle].axes) if bleed.ventricle >= 0 else 0.0)
             if not w_low - reach <= bleed.centre[2] <= w_high + reach:
                 continue
-            fractions = bleed_fractions(bleed, grid, context, head)
-            if fractions.edema is not None:
-                canvas.paint(fractions.edema, bleed.edema_hu, "edema")
-            stronger = fractions.paint > paint
+            fraction, edema = bleed_fractions(bleed, grid, context, head)
+            if edema is not None:
+                canvas.paint(edema, bleed.edema_hu, "edema")
+            stronger = fraction > paint
             blood_hu[stronger] = bleed.blood_hu
-            owner[k][fractions.blood > blood[k]] = index + 1
-            paint = np.maximum(paint, fractions.paint)
-            blood[k] = np.maximum(blood[k], fractions.blood)
+            owner[k][stronger] = index + 1
+            paint = np.maximum(paint, fraction)
         canvas.paint(paint, blood_hu, "blood")
         render_skull(head, canvas, context)
+        canvas.finish()
+        blood[k] = canvas.blood
         clean_hu[k] = canvas.hu
         tissue[k] = canvas.tissue
         head_mask = (canvas.tissue != TISSUE_CODES["air"]).astype(np.float32)

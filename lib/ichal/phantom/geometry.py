@@ -14,7 +14,7 @@ from scipy import ndimage
 
 SLICE_THICKNESS_MM = 5.0
 FIELD_OF_VIEW_MM = 230.0
-NOISE_GRID_MM = 2.0
+NOISE_GRID_MM = 3.0
 # Head-frame box (u lateral, v antero-posterior, w cranio-caudal; mm) covered by the smooth noise fields.
 NOISE_BOX_MM = ((-120.0, 120.0), (-130.0, 130.0), (-130.0, 110.0))
 
