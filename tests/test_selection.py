@@ -76,8 +76,9 @@ def test_knapsack_edge_cases():
     assert empty.indices.size == 0 and empty.total_value == 0.0 and empty.total_seconds == 0.0
     # zero budget: only stacks predicted to take no time at all
     assert knapsack_select(np.array([1.0, 2.0]), np.array([0.0, 5.0]), 0.0).indices.tolist() == [0]
-    # a stack longer than the budget is never chosen
+    # a stack longer than the budget is never chosen, however long
     assert knapsack_select(np.array([9.0, 1.0]), np.array([500.0, 50.0]), 100.0).indices.tolist() == [1]
+    assert knapsack_select(np.array([9.0, 1.0]), np.array([1e300, 50.0]), 100.0).indices.tolist() == [1]
     # zero-value stacks are not chosen even if they fit
     assert knapsack_select(np.array([0.0, 1.0]), np.array([10.0, 10.0]), 100.0).indices.tolist() == [1]
     # a time just over a resolution step rounds up: 2 x 10.5 s needs 40 s of budget at 10 s resolution

@@ -94,11 +94,13 @@ def knapsack_select(
     scores = _check_values(values, times)
     if not (math.isfinite(resolution_seconds) and resolution_seconds > 0):
         raise SelectionInputError(f"resolution_seconds must be positive; got {resolution_seconds}")
-    weights = np.ceil(times / resolution_seconds).astype(np.int64)
-    weights += weights * resolution_seconds < times  # guard against division rounding down
+    steps = np.ceil(times / resolution_seconds)  # float until filtered, so huge times cannot overflow
+    steps += steps * resolution_seconds < times  # guard against division rounding down
     capacity = int(math.floor(budget_seconds / resolution_seconds))
     capacity -= capacity * resolution_seconds > budget_seconds
-    useful = np.flatnonzero((scores > 0) & (weights <= capacity))
+    useful = np.flatnonzero((scores > 0) & (steps <= capacity))
+    weights = np.zeros(len(times), dtype=np.int64)
+    weights[useful] = steps[useful]
     free = useful[weights[useful] == 0]
     items = useful[weights[useful] > 0]
     if weights[items].sum() <= capacity:
