@@ -42,16 +42,16 @@ def orthanc_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def small_ct_volume(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A tiny int16 HU volume (Z, Y, X) = SMALL_SHAPE_ZYX with a bright blob, and its affine
-    (0.5 mm pixels, 5 mm slices, RAS as in `ichal.io`)."""
+    """A tiny int16 HU volume (Z, Y, X) = SMALL_SHAPE_ZYX with a bright blob, and its RAS affine
+    (0.5 mm pixels, 5 mm slices; columns to the patient's left, rows posterior, like the phantom)."""
     rng = np.random.default_rng(seed)
     z, y, x = SMALL_SHAPE_ZYX
     zz, yy, xx = np.mgrid[:z, :y, :x]
     head = (yy - y / 2) ** 2 + (xx - x / 2) ** 2 < (0.4 * x) ** 2
     image = np.where(head, 35, -1000) + rng.integers(-5, 6, size=SMALL_SHAPE_ZYX)
     image[(zz >= 1) & ((yy - 30) ** 2 + (xx - 34) ** 2 < 36)] = 70
-    affine = np.diag([0.5, 0.5, 5.0, 1.0])
-    affine[:3, 3] = [-16.0, -16.0, -10.0]
+    affine = np.diag([-0.5, -0.5, 5.0, 1.0])
+    affine[:3, 3] = [16.0, 16.0, -10.0]
     return image.astype(np.int16), affine
 
 

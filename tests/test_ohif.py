@@ -17,9 +17,11 @@ import server_fixtures
 from fastapi.testclient import TestClient
 from monailabel.endpoints import ohif as monailabel_ohif
 from PIL import Image
-from pacs_fixtures import ct_series_dir, orthanc_url  # noqa: F401  (fixtures)
+from pacs_fixtures import orthanc_url  # noqa: F401  (fixture)
 
 from ichal import pacs
+from ichal.dicom import write_ct_series
+from ichal.phantom.generator import generate_stack
 
 ROUTE_FILE = server_fixtures.REPO / "apps" / "hemorrhage" / "ohif_route.py"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -27,6 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # Set to a path (e.g. docs/images/ohif_pacs_study.png) to keep the screenshot; else it stays in tmp.
 SCREENSHOT_ENV = "ICHAL_OHIF_SCREENSHOT"
 VIEWPORT_CANVAS = "canvas.cornerstone-canvas"
+PHANTOM_SLICES_TO_SCROLL = 20  # from the skull base to about the ventricles
 MIN_CANVAS_STD = 5.0  # grey levels: a drawn head slice on black air is far above, a blank canvas is 0
 
 
@@ -103,6 +106,14 @@ class OhifOnlyApp(MONAILabelApp):
 
 
 @pytest.fixture
+def phantom_series_dir(tmp_path: Path) -> Path:
+    """A phantom head CT (128 x 128 pixels, about 36 slices) as a DICOM series."""
+    stack = generate_stack(seed=3, size=128)
+    write_ct_series(stack.image_hu, stack.affine, tmp_path / "phantom")
+    return tmp_path / "phantom"
+
+
+@pytest.fixture
 def ohif_server(orthanc_url: str, tmp_path: Path) -> Iterator[str]:  # noqa: F811
     """Base URL of `monailabel start_server` on a minimal app whose studies are the Orthanc."""
     app_dir = tmp_path / "app"
@@ -116,12 +127,25 @@ def ohif_server(orthanc_url: str, tmp_path: Path) -> Iterator[str]:  # noqa: F81
             yield url
 
 
+def show_middle_slice(page, viewport) -> None:
+    """Dismiss OHIF's notice and wheel-scroll the viewport from the first slice to mid-head."""
+    notice = page.get_by_text("Confirm and Hide")
+    if notice.count():
+        notice.first.click()
+    box = viewport.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    for _ in range(PHANTOM_SLICES_TO_SCROLL):
+        page.mouse.wheel(0, 120)
+        page.wait_for_timeout(50)
+    page.wait_for_timeout(1_000)
+
+
 @pytest.mark.integration
-def test_chromium_renders_pacs_study_in_ohif(ohif_server: str, orthanc_url: str, ct_series_dir: Path, tmp_path: Path):  # noqa: F811
+def test_chromium_renders_pacs_study_in_ohif(ohif_server: str, orthanc_url: str, phantom_series_dir: Path, tmp_path: Path):  # noqa: F811
     sync_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium is not installed: run scripts/install_system_deps.sh")
-    study_uid, _ = pacs.stow_series(orthanc_url, ct_series_dir)
+    study_uid, _ = pacs.stow_series(orthanc_url, phantom_series_dir)
     screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ohif.png")
     html_assets: list[str] = []
     with sync_api.sync_playwright() as playwright:
@@ -144,6 +168,7 @@ def test_chromium_renders_pacs_study_in_ohif(ohif_server: str, orthanc_url: str,
                 if contrast > MIN_CANVAS_STD:
                     break
                 page.wait_for_timeout(1_000)
+            show_middle_slice(page, viewport)
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot))
             body_text = page.inner_text("body")
