@@ -58,7 +58,7 @@ SULCUS_DEPTH_STEP_MM = 3.0
 SULCUS_DEPTH_CELLS = 16
 LOW_RES_MAX = 128
 TENTORIUM_SLOPE = (0.45, 0.6)  # dw/d|u|, dw/dv behind the incisura
-SKULL_BASE_PLATE_MM = 3.0
+SKULL_BASE_PLATE_MM = 2.0
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,8 @@ def skull_base_floor(u: np.ndarray, v: np.ndarray, floors_mm: tuple[float, float
     au = np.abs(u)
     sphenoid_ridge_v = -12.0 - 0.45 * np.maximum(au - 12.0, 0.0)
     petrous_ridge_v = -4.0 + 0.6 * np.maximum(au - 10.0, 0.0)
-    orbital_roofs = 7.0 * np.exp(-(((au - 24.0) / 11.0) ** 2)) - 4.0 * np.exp(-((u / 6.0) ** 2))
-    anterior_floor = anterior + orbital_roofs - 0.15 * (v + 40.0)
+    orbital_roofs = 8.0 * np.exp(-(((au - 26.0) / 12.0) ** 2)) - 5.0 * np.exp(-((u / 6.0) ** 2))
+    anterior_floor = anterior + orbital_roofs
     middle_floor = middle + 0.010 * ((au - 36.0) ** 2 + (v + 6.0) ** 2)
     posterior_floor = posterior + 0.005 * (u**2 + (v - 40.0) ** 2)
     floor = np.where(v < sphenoid_ridge_v, anterior_floor, np.where(v < petrous_ridge_v, middle_floor, posterior_floor))
@@ -438,9 +438,8 @@ def render_skull(head: HeadParams, canvas: SliceCanvas, context: AnatomyContext)
     diploe = soft_inside(np.abs(inner_sdf - 0.5 * skull_t) - 0.22 * skull_t, width) * np.clip(skull_t - 3.5, 0.0, 1.0)
     canvas.paint(diploe * above_base, head.diploe_hu + 40.0 * cells, "bone")
     inside_head = soft_inside(inner_sdf - skull_t - 2.0, px)
-    half_plate = 0.5 * SKULL_BASE_PLATE_MM
-    plate = soft_inside(np.abs(below_floor - half_plate) - half_plate, partial_volume_width(px, 0.8 * grid.dwdz)) * inside_head
-    canvas.paint(plate, hu["bone"] - 100.0 + 60.0 * texture, "bone")
+    plate = sheet_fraction(below_floor - 0.5 * SKULL_BASE_PLATE_MM, SKULL_BASE_PLATE_MM, 0.8 * grid.dwdz, px) * inside_head
+    canvas.paint(plate, hu["bone"] - 300.0 + 60.0 * texture, "bone")
     _paint_skull_base(head, canvas, cells)
 
 
@@ -450,22 +449,22 @@ def _paint_skull_base(head: HeadParams, canvas: SliceCanvas, cells: np.ndarray) 
     _, anterior, _, _ = head.cavity_axes_mm
     globe_v = -0.85 * anterior - 1.0
     for side in (-1.0, 1.0):
-        canvas.paint_ellipsoid(Ellipsoid((side * 27.0, globe_v + 14.0, -50.0), (15.0, 22.5, 13.5), side * 12.0), hu["bone"] - 200.0, "bone")
-        canvas.paint_ellipsoid(Ellipsoid((side * 27.0, globe_v + 14.0, -50.0), (13.5, 21.0, 12.0), side * 12.0), hu["fat"], "fat")
-        canvas.paint_ellipsoid(Ellipsoid((side * 31.0, globe_v, -50.0), (11.5, 11.5, 11.5)), 12.0, "soft_tissue")
-        canvas.paint_ellipsoid(Ellipsoid((side * 31.0, globe_v - 9.5, -50.0), (4.0, 1.8, 4.0)), 90.0, "soft_tissue")
+        canvas.paint_ellipsoid(Ellipsoid((side * 27.0, globe_v + 14.0, -47.0), (15.0, 22.5, 15.5), side * 12.0), hu["bone"] - 200.0, "bone")
+        canvas.paint_ellipsoid(Ellipsoid((side * 27.0, globe_v + 14.0, -47.0), (13.5, 21.0, 14.0), side * 12.0), hu["fat"], "fat")
+        canvas.paint_ellipsoid(Ellipsoid((side * 31.0, globe_v, -48.0), (11.5, 11.5, 11.5)), 12.0, "soft_tissue")
+        canvas.paint_ellipsoid(Ellipsoid((side * 31.0, globe_v - 9.5, -48.0), (4.0, 1.8, 4.0)), 90.0, "soft_tissue")
         canvas.paint_ellipsoid(Ellipsoid((side * 20.0, -60.0, -82.0), (14.2, 16.2, 17.2)), hu["bone"] - 200.0, "bone")
         canvas.paint_ellipsoid(Ellipsoid((side * 20.0, -60.0, -82.0), (13.0, 15.0, 16.0)), -1000.0, "air")
         canvas.paint_ellipsoid(Ellipsoid((side * 32.0, 6.0, -57.0), (24.0, 6.0, 7.0), side * 38.0), head.petrous_hu, "bone")
     canvas.paint_ellipsoid(Ellipsoid((0.0, -9.0, -50.0), (8.0, 4.5, 12.0)), hu["bone"] - 150.0, "bone")
-    for centre, axes in (((0.0, -24.0, -55.0), (14.0, 12.0, 10.0)), ((0.0, -58.0, -52.0), (12.0, 20.0, 12.0))):
+    for centre, axes in (((0.0, -24.0, -55.0), (14.0, 12.0, 10.0)), ((0.0, -58.0, -48.0), (12.0, 20.0, 14.0))):
         canvas.paint_ellipsoid(Ellipsoid(centre, tuple(a + 1.5 for a in axes)), hu["bone"] - 200.0, "bone")
     canvas.paint_ellipsoid(Ellipsoid((0.0, -24.0, -55.0), (14.0, 12.0, 10.0)), -1000.0, "air")
     canvas.paint_ellipsoid(Ellipsoid((0.0, -68.0, -80.0), (9.0, 24.0, 18.0)), -1000.0, "air")
     canvas.paint_ellipsoid(Ellipsoid((0.0, -68.0, -80.0), (1.2, 24.0, 18.0)), hu["bone"] - 400.0, "bone")
     # Honeycomb air cells: ethmoid and mastoid, air where the cell field is high, bony septa between.
     for ellipsoid in (
-        Ellipsoid((0.0, -58.0, -52.0), (12.0, 20.0, 12.0)),
+        Ellipsoid((0.0, -58.0, -48.0), (12.0, 20.0, 14.0)),
         Ellipsoid((-52.0, 18.0, -58.0), (10.0, 12.0, 13.0)),
         Ellipsoid((52.0, 18.0, -58.0), (10.0, 12.0, 13.0)),
     ):

@@ -22,7 +22,7 @@ from ichal.phantom.anatomy import (
 )
 from ichal.phantom.annotator import label_features, simulated_annotator_seconds
 from ichal.phantom.artifacts import correlated_noise, sample_streaks, streak_offsets
-from ichal.phantom.bleeds import Bleed, bleed_fractions, sample_bleeds
+from ichal.phantom.bleeds import BLEED_KINDS, Bleed, bleed_fractions, sample_bleeds
 from ichal.phantom.geometry import FIELD_OF_VIEW_MM, SLICE_THICKNESS_MM, rotation_matrix, slice_grid
 
 GENERATOR_VERSION = "1"
@@ -60,6 +60,7 @@ class RenderedStack:
     clean_hu: np.ndarray
     tissue: np.ndarray
     blood_fraction: np.ndarray
+    bleed_kind: np.ndarray  # uint8: 0 none, else 1 + index into BLEED_KINDS of the labeled voxel's bleed
 
 
 def check_size(size: int) -> int:
@@ -200,7 +201,8 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
         "generator_version": GENERATOR_VERSION,
     }
     stack = PhantomStack(stack_id, image_hu, label, affine, spacing_mm, meta)
-    return RenderedStack(stack=stack, clean_hu=clean_hu, tissue=tissue, blood_fraction=blood)
+    kind_codes = np.array([0] + [1 + BLEED_KINDS.index(bleed.kind) for bleed in bleeds], dtype=np.uint8)
+    return RenderedStack(stack=stack, clean_hu=clean_hu, tissue=tissue, blood_fraction=blood, bleed_kind=kind_codes[owner])
 
 
 def generate_stack(seed: int, size: int = 512, stack_id: str | None = None) -> PhantomStack:
