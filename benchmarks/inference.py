@@ -151,7 +151,8 @@ def main() -> None:
     for r in rows:
         fraction = f"{100 * r['fraction_of_peak']:.1f}%" if r["fraction_of_peak"] else "n/a"
         grown = r["peak_rss_mib"] - r["rss_before_predict_mib"]
-        print(f"| {r['slices']}x{r['size']}x{r['size']} | {r['preset']} | {r['model_spacing_mm']:.2f} | {r['patch_px']} "
+        print(f"| {r['slices']}x{r['size']}x{r['size']} | {r['preset']} | {r['model_spacing_mm']:.2f} "
+              f"| {r['patch_px']} "
               f"| {r['members']} | {r['seconds_per_stack']:.2f} | {r['peak_rss_mib']:.0f} (+{grown:.0f}) "
               f"| {r['gflop_per_stack']:.1f} "
               f"| {r['achieved_gflops']:.1f} | {fraction} |")

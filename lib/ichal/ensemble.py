@@ -222,7 +222,9 @@ def load_ensemble(path: str | Path, device: str | torch.device = "cpu") -> Ensem
     try:
         payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"cannot read ensemble checkpoint {path}: corrupt or not a torch file ({error})") from error
+        raise CheckpointError(
+            f"cannot read ensemble checkpoint {path}: corrupt or not a torch file ({error})"
+        ) from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an ichal ensemble checkpoint")
     if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:

@@ -35,7 +35,8 @@ def infer_folder(model: EnsembleModel, images_dir: Path, out_dir: Path, *, devic
         volume = read_nifti(path)
         prediction = predict_stack(model, volume.array, volume.spacing_mm, device=device, overlap=overlap)
         write_nifti(prediction.mean_prob, volume.affine, out_dir / f"{stack_id}_prob.nii.gz")
-        write_nifti((prediction.mean_prob >= threshold).astype(np.uint8), volume.affine, out_dir / f"{stack_id}_label.nii.gz")
+        label = (prediction.mean_prob >= threshold).astype(np.uint8)
+        write_nifti(label, volume.affine, out_dir / f"{stack_id}_label.nii.gz")
         write_nifti(prediction.js, volume.affine, out_dir / f"{stack_id}_js.nii.gz")
         done.append(stack_id)
     return done
@@ -51,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=DEFAULT_CONFIG.detection_threshold)
     args = parser.parse_args(argv)
     model = load_ensemble(args.model, device=args.device)
-    done = infer_folder(model, args.images, args.out, device=args.device, overlap=args.overlap, threshold=args.threshold)
+    done = infer_folder(model, args.images, args.out, device=args.device, overlap=args.overlap,
+                        threshold=args.threshold)
     print(f"wrote predictions for {len(done)} stacks to {args.out}")
     return 0
 

@@ -234,6 +234,7 @@ class DetectionEvaluator:
 
     def result(self) -> dict[str, float]:
         pixel = self.pixels.result()
+        positive_dice = self.positive_stack_dice
         return {
             "pixel_ap": pixel.ap,
             "pixel_ap_bound": pixel.upper - pixel.lower,
@@ -242,6 +243,6 @@ class DetectionEvaluator:
             "frame_ap": _ap(np.concatenate(self.frame_targets), np.concatenate(self.frame_scores)),
             "stack_ap": _ap(np.array(self.stack_targets), np.array(self.stack_scores)),
             "dice": 1.0 if self.mask_sum == 0 else 2.0 * self.intersection / self.mask_sum,
-            "mean_dice_positive": float(np.mean(self.positive_stack_dice)) if self.positive_stack_dice else float("nan"),
+            "mean_dice_positive": float(np.mean(positive_dice)) if positive_dice else float("nan"),
             "stacks": len(self.stack_scores),
         }

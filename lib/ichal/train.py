@@ -351,8 +351,8 @@ def load_pool_items(pool_dir: str | Path) -> list[TrainItem]:
         stack_id = label_path.name.removesuffix(".nii.gz")
         image = read_nifti(pool_dir / f"{stack_id}.nii.gz")
         label = read_nifti(label_path)
-        items.append(TrainItem(stack_id, image.array, check_label(label.array, image.array.shape, f"label {stack_id!r}"),
-                               image.spacing_mm))
+        checked = check_label(label.array, image.array.shape, f"label {stack_id!r}")
+        items.append(TrainItem(stack_id, image.array, checked, image.spacing_mm))
     return items
 
 
