@@ -1,5 +1,5 @@
 """Fixtures for PACS tests: a real Orthanc (scripts/orthanc.sh) on a free port, tiny generated CT series.
-Import the fixtures into a test module with `from pacs_fixtures import orthanc_url, ...  # noqa: F401`.
+Use them from a test module with `pytest_plugins = ["pacs_fixtures"]`.
 """
 
 from __future__ import annotations
@@ -58,6 +58,18 @@ def small_ct_volume(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def small_label(image_zyx: np.ndarray) -> np.ndarray:
     """uint8 label of the bright blob of `small_ct_volume` (empty on slice 0)."""
     return (image_zyx >= 60).astype(np.uint8)
+
+
+@pytest.fixture
+def small_ct_hu() -> np.ndarray:
+    """The HU volume (Z, Y, X) that `ct_series_dir` holds."""
+    return small_ct_volume(seed=0)[0]
+
+
+@pytest.fixture
+def small_ct_label(small_ct_hu: np.ndarray) -> np.ndarray:
+    """A uint8 label over `small_ct_hu` (hemorrhage on slices 1-3, none on slice 0)."""
+    return small_label(small_ct_hu)
 
 
 @pytest.fixture

@@ -11,11 +11,12 @@ import numpy as np
 import pydicom
 import pydicom_seg
 import pytest
-from pacs_fixtures import ct_series_dir, orthanc_url, small_ct_volume, small_label  # noqa: F401  (fixtures)
 from pydicom.uid import generate_uid
 
 from ichal import dicom_seg, pacs
 from ichal.io import VolumeError
+
+pytest_plugins = ["pacs_fixtures"]  # orthanc_url, ct_series_dir, small_ct_label
 
 
 def read_sources(folder: Path) -> list[pydicom.Dataset]:
@@ -39,14 +40,13 @@ def read_sources_as_new_series(sources: list[pydicom.Dataset]) -> list[pydicom.D
 
 
 @pytest.fixture
-def sources(ct_series_dir: Path) -> list[pydicom.Dataset]:  # noqa: F811
+def sources(ct_series_dir: Path) -> list[pydicom.Dataset]:
     return read_sources(ct_series_dir)
 
 
 @pytest.fixture
-def label() -> np.ndarray:
-    image, _ = small_ct_volume(seed=0)
-    return small_label(image)
+def label(small_ct_label: np.ndarray) -> np.ndarray:
+    return small_ct_label
 
 
 def test_seg_reads_back_voxel_for_voxel_with_highdicom_and_pydicom_seg(sources, label):
@@ -111,7 +111,7 @@ def test_bad_labels_and_foreign_segs_are_refused(sources, label):
         dicom_seg.seg_to_label(seg, other_series)
 
 
-def test_seg_stored_in_orthanc_marks_its_series_labeled(orthanc_url: str, ct_series_dir: Path, tmp_path: Path, label):  # noqa: F811
+def test_seg_stored_in_orthanc_marks_its_series_labeled(orthanc_url: str, ct_series_dir: Path, tmp_path: Path, label):
     sources = read_sources(ct_series_dir)
     study_uid, series_uid = pacs.stow_series(orthanc_url, sources)
     seg = dicom_seg.label_to_seg(label, sources)

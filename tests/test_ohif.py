@@ -17,7 +17,6 @@ import server_fixtures
 from fastapi.testclient import TestClient
 from monailabel.endpoints import ohif as monailabel_ohif
 from PIL import Image
-from pacs_fixtures import orthanc_url  # noqa: F401  (fixture)
 
 from ichal import pacs
 from ichal.dicom import write_ct_series
@@ -31,6 +30,8 @@ SCREENSHOT_ENV = "ICHAL_OHIF_SCREENSHOT"
 VIEWPORT_CANVAS = "canvas.cornerstone-canvas"
 PHANTOM_SLICES_TO_SCROLL = 20  # from the skull base to about the ventricles
 MIN_CANVAS_STD = 5.0  # grey levels: a drawn head slice on black air is far above, a blank canvas is 0
+
+pytest_plugins = ["pacs_fixtures"]  # orthanc_url, ct_series_dir
 
 
 def load_route_module():
@@ -114,7 +115,7 @@ def phantom_series_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def ohif_server(orthanc_url: str, tmp_path: Path) -> Iterator[str]:  # noqa: F811
+def ohif_server(orthanc_url: str, tmp_path: Path) -> Iterator[str]:
     """Base URL of `monailabel start_server` on a minimal app whose studies are the Orthanc."""
     app_dir = tmp_path / "app"
     app_dir.mkdir()
@@ -141,7 +142,9 @@ def show_middle_slice(page, viewport) -> None:
 
 
 @pytest.mark.integration
-def test_chromium_renders_pacs_study_in_ohif(ohif_server: str, orthanc_url: str, phantom_series_dir: Path, tmp_path: Path):  # noqa: F811
+def test_chromium_renders_pacs_study_in_ohif(
+    ohif_server: str, orthanc_url: str, phantom_series_dir: Path, tmp_path: Path
+):
     sync_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium is not installed: run scripts/install_system_deps.sh")

@@ -40,7 +40,7 @@ def sort_source_slices(source_datasets: Sequence[Dataset]) -> list[Dataset]:
     try:
         orientation = np.asarray(source_datasets[0].ImageOrientationPatient, dtype=np.float64)
         normal = np.cross(orientation[:3], orientation[3:])
-        positions = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=np.float64))) for ds in source_datasets]
+        positions = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in source_datasets]
     except AttributeError as error:
         raise SegError(f"source slices lack geometry tags: {error}") from None
     return [ds for _, ds in sorted(zip(positions, source_datasets), key=lambda pair: pair[0])]
@@ -120,17 +120,19 @@ def seg_to_label(seg_dataset: Dataset, source_datasets: Sequence[Dataset]) -> np
     Raises SegError if the SEG references another series or has no "hemorrhage" segment.
     """
     sources = sort_source_slices(source_datasets)
-    try:
-        seg = seg_dataset if isinstance(seg_dataset, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg_dataset)
-    except (AttributeError, ValueError) as error:
-        raise SegError(f"dataset is not a readable DICOM SEG: {error}") from None
+    seg = seg_dataset
+    if not isinstance(seg, hd.seg.Segmentation):
+        try:
+            seg = hd.seg.Segmentation.from_dataset(seg_dataset)
+        except (AttributeError, ValueError) as error:
+            raise SegError(f"dataset is not a readable DICOM SEG: {error}") from None
     source_series_uid = str(sources[0].SeriesInstanceUID)
-    referenced = {str(item.SeriesInstanceUID) for item in seg_dataset.get("ReferencedSeriesSequence", [])}
+    referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
     if source_series_uid not in referenced:
-        raise SegError(f"SEG {seg_dataset.SOPInstanceUID} references series {sorted(referenced)}, not {source_series_uid}")
+        raise SegError(f"SEG {seg.SOPInstanceUID} references series {sorted(referenced)}, not {source_series_uid}")
     numbers = seg.get_segment_numbers(segment_label=SEGMENT_LABEL)
     if not numbers:
-        raise SegError(f"SEG {seg_dataset.SOPInstanceUID} has no segment labelled '{SEGMENT_LABEL}'")
+        raise SegError(f"SEG {seg.SOPInstanceUID} has no segment labelled '{SEGMENT_LABEL}'")
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
         segment_numbers=numbers[:1],
