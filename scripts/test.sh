@@ -3,6 +3,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$(bash "$root/scripts/env.sh")
+# The PACS and viewer tests use a real Orthanc and a real Chromium (Debian packages).
+bash "$root/scripts/install_system_deps.sh"
 cd "$root"
 export MONAI_LABEL_TRACKING_ENABLED=false
 set +e
