@@ -23,7 +23,7 @@ from ichal.phantom.__main__ import main as cli_main
 from ichal.phantom.anatomy import TISSUE_CODES, TISSUE_HU_RANGES
 from ichal.phantom.writers import write_pool
 
-TINY = 32
+TINY = 48
 META_KEYS = {
     "id", "seed", "size", "spacing_mm", "n_slices", "negative", "kinds", "bleeds", "volume_ml",
     "n_components", "boundary_mm", "n_bleed_slices", "simulated_seconds", "generator_version",
@@ -32,7 +32,7 @@ META_KEYS = {
 
 @pytest.fixture(scope="module")
 def tiny_pool():
-    """40 stacks at 32x32 (fast): enough for negatives, several kinds and the time span."""
+    """40 stacks at 48x48 (fast): enough for negatives, several kinds and the time span."""
     return list(generate_pool(40, TINY, seed=0))
 
 

@@ -14,7 +14,7 @@ from skimage.measure import perimeter
 
 REVIEW_SECONDS = (30.0, 90.0)
 PER_BLEED_SLICE_SECONDS = (5.0, 15.0)
-TRACING_SECONDS_PER_MM = (0.5, 0.9)
+TRACING_SECONDS_PER_MM = (0.35, 0.6)
 PER_COMPONENT_SECONDS = (20.0, 45.0)
 ANNOTATOR_LOG_SIGMA = 0.25
 # Tracing slows down by up to this factor as blood density falls from 80 to 50 HU (faint edges).
