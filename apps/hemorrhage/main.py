@@ -19,6 +19,7 @@ from lib.context import AppContext
 from lib.datastore import HemorrhageDatastore
 from lib.errors import client_error
 from lib.infers import EnsembleInfer
+from lib.pacs_datastore import PacsDatastore
 from lib.scoring import CommitteeScoring
 from lib.settings import CONF_KEYS, AppSettings
 from lib.strategies import STRATEGY_DESCRIPTIONS, BudgetedStrategy
@@ -44,8 +45,11 @@ class HemorrhageApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
-        datastore = HemorrhageDatastore(self.studies, extensions=("*.nii.gz", "*.nii"), auto_reload=False)
+            datastore = PacsDatastore(
+                self.studies, cache_dir=os.path.join(self.settings.state_dir, "pacs"), sync_seconds=self.settings.pacs_sync_seconds
+            )
+        else:
+            datastore = HemorrhageDatastore(self.studies, extensions=("*.nii.gz", "*.nii"), auto_reload=False)
         datastore.on_final_label = self._on_final_label
         return datastore
 

@@ -41,6 +41,19 @@ class HemorrhageDatastore(LocalDatastore):
         """Pick up changes other processes (scoring, training) wrote to datastore_v2.json."""
         self._init_from_datastore_file()
 
+    # Readers see what the scoring and training subprocesses stored (a cheap mtime check).
+    def json(self):
+        self._init_from_datastore_file()
+        return super().json()
+
+    def status(self) -> Dict[str, Any]:
+        self._init_from_datastore_file()
+        return super().status()
+
+    def get_image_info(self, image_id: str) -> Dict[str, Any]:
+        self._init_from_datastore_file()
+        return super().get_image_info(image_id)
+
     def _reload_unlocked(self) -> None:
         if os.path.exists(self._datastore_config_path):
             with open(self._datastore_config_path) as handle:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # key -> (type, default, help). The README's configuration table documents these with examples.
@@ -22,7 +23,8 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "min_time_samples": (int, 10, "measured labeling times needed before the time model replaces its prior"),
     "overlap": (float, 0.25, "sliding-window overlap at inference"),
     "seed": (int, 0, "random seed for training and the random strategies"),
-    "state_dir": (str, "", "where models, time records and check-outs live (default: <datastore>/.ichal)"),
+    "pacs_sync_seconds": (float, 30.0, "with a DICOMweb --studies: how often new series and SEGs are pulled from the PACS"),
+    "state_dir": (str, "", "models, time records, check-outs (default: <datastore>/.ichal, or ~/.cache/ichal/pacs-<url hash>)"),
 }
 
 
@@ -45,6 +47,7 @@ class AppSettings:
     min_time_samples: int
     overlap: float
     seed: int
+    pacs_sync_seconds: float
     state_dir: str
 
     @classmethod
@@ -59,14 +62,17 @@ class AppSettings:
         settings = cls(**values)  # type: ignore[arg-type]
         settings._check()
         if not settings.state_dir:
-            local = not studies.startswith(("http://", "https://"))
-            base = Path(studies) if local else Path(os.path.expanduser("~/.cache/ichal/remote"))
-            settings = cls(**{**{f.name: getattr(settings, f.name) for f in fields(cls)}, "state_dir": str(base / ".ichal")})
+            if studies.startswith(("http://", "https://")):
+                key = hashlib.sha256(studies.rstrip("/").encode()).hexdigest()[:12]
+                state_dir = Path(os.path.expanduser("~/.cache/ichal")) / f"pacs-{key}"
+            else:
+                state_dir = Path(studies) / ".ichal"
+            settings = replace(settings, state_dir=str(state_dir))
         return settings
 
     def _check(self) -> None:
         positive = ("ensemble_size", "train_iterations", "train_batch_size", "budget_minutes", "checkout_minutes", "idle_limit_seconds",
-                    "unscored_stack_minutes")
+                    "unscored_stack_minutes", "pacs_sync_seconds")
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
