@@ -1,0 +1,449 @@
+"""Active-learning experiments on generated pools: core-set growth and cost-sensitive budget rounds.
+
+Kuo et al. 2018, sections 5.1 (core-set: seed 1/32, doubled per round) and 5.2 (seed = half the pool,
++10% of the pool's labeling time per round); DESIGN.md "Evaluation protocol".
+
+    python -m ichal.experiment coreset --config quick --out out/experiments/quick --seeds 0 1 2
+    python -m ichal.experiment cost --config quick --out out/experiments/quick --seeds 0 1 2 --resume
+
+Every (method, seed, round) cell is persisted as JSON (after its checkpoint) under
+OUT/<protocol>/seed<s>/; a rerun with --resume skips finished cells. Results: OUT/<protocol>_results.csv,
+OUT/<protocol>_ap.png and OUT/<protocol>_table.md (see `ichal.experiment_plots`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ichal.config import DEFAULT_CONFIG
+from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
+from ichal.ensemble import EnsembleModel, load_ensemble, predict_stack, save_ensemble
+from ichal.io import atomic_write_bytes
+from ichal.metrics import DetectionEvaluator, stack_scores
+from ichal.phantom import PhantomStack, generate_pool
+from ichal.selection import Selection, acft_select, knapsack_select, random_select, uncertainty_select
+from ichal.train import TrainItem, TrainSettings, train_ensemble
+from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
+
+PROTOCOLS = ("coreset", "cost")
+METHODS = ("random", "uncertainty", "cost_sensitive", "acft", "foreground_random")
+# With one second per stack the knapsack maximizes the summed value of n stacks: the top n by value,
+# i.e. exactly `uncertainty`; the core-set protocol therefore runs the other four.
+PROTOCOL_METHODS = {"coreset": ("random", "uncertainty", "acft", "foreground_random"), "cost": METHODS}
+TEST_SEED_OFFSET = 1000  # the test set comes from generator seed data_seed + 1000: disjoint from the pool
+FULL_POOL = "full_pool"  # core-set reference: an ensemble trained on the whole pool
+
+
+class ExperimentError(ValueError):
+    """Bad experiment arguments, or an output folder that does not match the run asked for."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Sizes of one experiment. Seconds are simulated annotator seconds; sizes in stacks or pixels.
+
+    `coreset_seed_fraction`: share of the pool labeled at round 0 of the core-set protocol (paper 1/32);
+    `cost_seed_fraction`: same for the cost protocol (paper 1/2); `budget_fraction`: each cost round's
+    budget as a share of the whole pool's true labeling seconds (paper 10%). `foreground_threshold`:
+    stack score at or above which `foreground_random` counts a stack as positive.
+    """
+
+    name: str
+    pool_count: int
+    test_count: int
+    size: int
+    rounds: int
+    members: int
+    iterations: int
+    batch_size: int = 16
+    preset: str = "cpu_small"
+    lr: float = 2e-3
+    coreset_seed_fraction: float = 1 / 32
+    cost_seed_fraction: float = 0.5
+    budget_fraction: float = 0.10
+    data_seed: int = 0
+    foreground_threshold: float = 0.5
+    knapsack_resolution_seconds: float = 10.0
+    device: str = "cpu"
+    batch_slices: int = 16
+
+    def validate(self) -> None:
+        """Raise `ExperimentError` naming the first value out of range."""
+        for name in ("pool_count", "test_count", "rounds", "members", "iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ExperimentError(f"config {self.name!r}: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("coreset_seed_fraction", "cost_seed_fraction", "budget_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ExperimentError(f"config {self.name!r}: {name} must be in (0, 1), got {getattr(self, name)}")
+
+
+CONFIGS: dict[str, ExperimentConfig] = {
+    # CPU: 64 px stacks (3.6 mm pixels), 48-stack pool, 20 test stacks; about 15-20 min per seed and
+    # protocol on one shared core (docs/results.md).
+    "quick": ExperimentConfig(name="quick", pool_count=48, test_count=20, size=64, rounds=2, members=2,
+                              iterations=150, coreset_seed_fraction=1 / 8),
+    # Paper-sized (section 4/5: 934 train-val, 313 test, seed 1/32 doubled to the whole set, 4 members): a GPU.
+    "full": ExperimentConfig(name="full", pool_count=934, test_count=313, size=256, rounds=5, members=4,
+                             iterations=4000, batch_size=32, preset="drn38", device="cuda", batch_slices=32),
+}
+
+
+@dataclass(frozen=True)
+class StackScores:
+    """What selection needs from one unlabeled stack under one model.
+
+    `value`: QBC stack value V (mean of the top-K patch JS, nats); `acft`: ACFT total a; `stack_score`:
+    highest ensemble-mean probability; `features`: boundary/components of the mean prediction.
+    """
+
+    value: float
+    acft: float
+    stack_score: float
+    features: MaskFeatures
+
+
+@dataclass
+class Data:
+    """The pool (to label) and the held-out test set, plus each pool stack's TRUE mask features."""
+
+    pool: list[PhantomStack]
+    test: list[PhantomStack]
+    true_features: dict[str, MaskFeatures]
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of every stack's id, image, label and simulated seconds: detects a changed
+        generator between an interrupted run and its resumption."""
+        digest = hashlib.sha256()
+        for stack in [*self.pool, *self.test]:
+            digest.update(f"{stack.id}:{stack.meta['simulated_seconds']}:{stack.image_hu.shape}".encode())
+            digest.update(stack.image_hu.tobytes())
+            digest.update(stack.label.tobytes())
+        return digest.hexdigest()[:16]
+
+    @property
+    def pool_ids(self) -> list[str]:
+        return [stack.id for stack in self.pool]
+
+    def true_seconds(self, ids: Sequence[str]) -> float:
+        """Summed simulated annotator seconds of the pool stacks `ids`."""
+        by_id = {stack.id: stack for stack in self.pool}
+        return math.fsum(float(by_id[i].meta["simulated_seconds"]) for i in ids)
+
+
+def make_data(config: ExperimentConfig, progress: bool = True) -> Data:
+    """Generate the pool (seed `data_seed`) and the test set (seed `data_seed + 1000`), in memory."""
+    pool = list(tqdm(generate_pool(config.pool_count, config.size, config.data_seed), total=config.pool_count,
+                     desc="generating pool", unit="stack", disable=not progress))
+    test = list(tqdm(generate_pool(config.test_count, config.size, config.data_seed + TEST_SEED_OFFSET),
+                     total=config.test_count, desc="generating test set", unit="stack", disable=not progress))
+    true_features = {s.id: mask_features(s.label.astype(np.float32), s.spacing_mm, DEFAULT_CONFIG.feature_thresholds)
+                     for s in pool}
+    return Data(pool=pool, test=test, true_features=true_features)
+
+
+def _train(config: ExperimentConfig, data: Data, labeled_ids: Sequence[str], train_seed: int,
+           progress: bool) -> tuple[EnsembleModel, float]:
+    """Retrain an ensemble from scratch on `labeled_ids` (paper: retrained every round); returns (model, seconds)."""
+    by_id = {stack.id: stack for stack in data.pool}
+    items = [TrainItem(i, by_id[i].image_hu, by_id[i].label, by_id[i].spacing_mm) for i in labeled_ids]
+    settings = TrainSettings(preset=config.preset, ensemble_size=config.members, iterations=config.iterations,
+                             batch_size=config.batch_size, lr=config.lr, seed=train_seed, device=config.device)
+    start = time.perf_counter()
+    with tqdm(total=config.members * config.iterations, desc=f"training on {len(items)}", unit="it",
+              leave=False, disable=not progress) as bar:
+        model = train_ensemble(items, settings, progress=lambda event: bar.update("loss" in event))
+    return model, time.perf_counter() - start
+
+
+def evaluate(config: ExperimentConfig, model: EnsembleModel, test: Sequence[PhantomStack],
+             progress: bool = False) -> dict[str, float]:
+    """Pixel/region/frame/stack AP and Dice of `model` on the test stacks (`DetectionEvaluator.result`)."""
+    evaluator = DetectionEvaluator()
+    for stack in tqdm(test, desc="evaluating", unit="stack", leave=False, disable=not progress):
+        prediction = predict_stack(model, stack.image_hu, stack.spacing_mm, device=config.device,
+                                   batch_slices=config.batch_slices)
+        evaluator.update(prediction.mean_prob, stack.label)
+    return evaluator.result()
+
+
+def score_stacks(config: ExperimentConfig, model: EnsembleModel, stacks: Sequence[PhantomStack],
+                 progress: bool = False) -> dict[str, StackScores]:
+    """Predict each stack with the ensemble and compute its selection scores (patch = training patch in mm)."""
+    scores = {}
+    for stack in tqdm(stacks, desc="scoring pool", unit="stack", leave=False, disable=not progress):
+        prediction = predict_stack(model, stack.image_hu, stack.spacing_mm, device=config.device,
+                                   batch_slices=config.batch_slices)
+        patch_px = DEFAULT_CONFIG.patch_px(stack.spacing_mm[1])
+        scores[stack.id] = StackScores(
+            value=stack_uncertainty(patch_scores(prediction.js, patch_px), DEFAULT_CONFIG.top_k_patches),
+            acft=acft_scores(prediction.mean_prob, patch_px).total,
+            stack_score=stack_scores(prediction.mean_prob),
+            features=mask_features(prediction.mean_prob, stack.spacing_mm, DEFAULT_CONFIG.feature_thresholds),
+        )
+    return scores
+
+
+def foreground_random_select(stack_score: np.ndarray, seconds: np.ndarray, budget_seconds: float,
+                             rng: np.random.Generator, threshold: float = 0.5) -> Selection:
+    """Foreground-aware random: stacks scored >= `threshold` in random order, added while they fit, then
+    the others in random order while they fit. `stack_score`, `seconds`: (n,); returns pool indices."""
+    positive = np.flatnonzero(np.asarray(stack_score) >= threshold)
+    negative = np.flatnonzero(np.asarray(stack_score) < threshold)
+    first = random_select(seconds[positive], budget_seconds, rng)
+    rest = random_select(seconds[negative], max(0.0, budget_seconds - first.total_seconds), rng)
+    indices = np.concatenate([positive[first.indices], negative[rest.indices]]).astype(np.int64)
+    return Selection(indices=indices, total_value=0.0, total_seconds=math.fsum(seconds[indices]))
+
+
+def select_batch(method: str, scores: Sequence[StackScores], seconds: np.ndarray, budget_seconds: float,
+                 rng: np.random.Generator, config: ExperimentConfig) -> Selection:
+    """Run selector `method` on unlabeled stacks (their scores and predicted `seconds`, (n,)) under the budget."""
+    values = np.array([s.value for s in scores])
+    if method == "random":
+        return random_select(seconds, budget_seconds, rng, values)
+    if method == "uncertainty":
+        return uncertainty_select(values, seconds, budget_seconds)
+    if method == "cost_sensitive":
+        return knapsack_select(values, seconds, budget_seconds, config.knapsack_resolution_seconds)
+    if method == "acft":
+        return acft_select(np.array([s.acft for s in scores]), seconds, budget_seconds, rng)
+    if method == "foreground_random":
+        return foreground_random_select(np.array([s.stack_score for s in scores]), seconds, budget_seconds, rng,
+                                        config.foreground_threshold)
+    raise ExperimentError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def _rng(seed: int, method: str, round_index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, METHODS.index(method) + 1, round_index])
+
+
+def _write_json(path: Path, record: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class _Run:
+    """One protocol over several seeds in folder `out`; every finished cell is a JSON record."""
+
+    def __init__(self, protocol: str, config: ExperimentConfig, data: Data, out: Path, methods: Sequence[str],
+                 progress: bool, on_record: Callable[[dict], None] | None) -> None:
+        self.protocol, self.config, self.data, self.out = protocol, config, data, out
+        self.methods, self.progress, self.on_record = tuple(methods), progress, on_record
+        self.total_seconds = data.true_seconds(data.pool_ids)
+        self._score_cache: dict[str, dict[str, StackScores]] = {}
+
+    def cell_dir(self, seed: int, method: str | None) -> Path:
+        return self.out / self.protocol / f"seed{seed}" / (method or "shared")
+
+    def _finish(self, seed: int, method: str | None, round_index: int, model: EnsembleModel, record: dict) -> dict:
+        """Save the checkpoint, then the record (its existence marks the cell finished)."""
+        folder = self.cell_dir(seed, method)
+        save_ensemble(model, folder / f"round{round_index}.pt")
+        _write_json(folder / f"round{round_index}.json", record)
+        if self.on_record is not None:
+            self.on_record(record)
+        return record
+
+    def _record(self, seed: int, method: str, round_index: int, labeled_ids: Sequence[str], metrics: dict,
+                train_seconds: float, **batch: object) -> dict:
+        return {
+            "protocol": self.protocol, "method": method, "seed": seed, "round": round_index,
+            "n_labeled": len(labeled_ids), "labeled_fraction": len(labeled_ids) / len(self.data.pool),
+            "labeled_hours": self.data.true_seconds(labeled_ids) / 3600.0,
+            "labeled_ids": sorted(labeled_ids), "metrics": metrics, "train_seconds": round(train_seconds, 2),
+        } | batch
+
+    def _train_and_finish(self, seed: int, method: str | None, round_index: int, labeled_ids: list[str],
+                          **batch: object) -> dict:
+        model, train_seconds = _train(self.config, self.data, labeled_ids, seed * 100 + round_index, self.progress)
+        metrics = evaluate(self.config, model, self.data.test, self.progress)
+        record = self._record(seed, method or "seed_set", round_index, labeled_ids, metrics, train_seconds, **batch)
+        return self._finish(seed, method, round_index, model, record)
+
+    def seed_cell(self, seed: int) -> dict:
+        """Round 0, shared by all methods: a random seed set of the pool, trained and evaluated once."""
+        path = self.cell_dir(seed, None) / "round0.json"
+        if (record := _read_json(path)) is not None:
+            return record
+        fraction = self.config.coreset_seed_fraction if self.protocol == "coreset" else self.config.cost_seed_fraction
+        count = max(1, int(round(fraction * len(self.data.pool))))
+        order = np.random.default_rng([seed, 0]).permutation(len(self.data.pool))
+        labeled = sorted(self.data.pool_ids[i] for i in order[:count])
+        return self._train_and_finish(seed, None, 0, labeled)
+
+    def full_pool_cell(self, seed: int) -> dict:
+        """Core-set reference: the whole pool labeled (the paper's S1)."""
+        path = self.cell_dir(seed, FULL_POOL) / "round0.json"
+        if (record := _read_json(path)) is not None:
+            return record
+        return self._train_and_finish(seed, FULL_POOL, 0, list(self.data.pool_ids))
+
+    def _scores(self, model_path: Path, unlabeled: Sequence[PhantomStack]) -> dict[str, StackScores]:
+        """Scores of `unlabeled` under the checkpoint at `model_path`, cached (round 0 is shared by all methods)."""
+        cached = self._score_cache.setdefault(str(model_path), {})
+        missing = [stack for stack in unlabeled if stack.id not in cached]
+        if missing:
+            cached |= score_stacks(self.config, load_ensemble(model_path), missing, self.progress)
+        return {stack.id: cached[stack.id] for stack in unlabeled}
+
+    def round_cell(self, seed: int, method: str, round_index: int, previous: dict, previous_model: Path) -> dict:
+        """Select with `method` using the previous round's model, label the batch, retrain, evaluate.
+
+        An exhausted pool gives an empty batch (the labeled set is retrained as is).
+        """
+        path = self.cell_dir(seed, method) / f"round{round_index}.json"
+        if (record := _read_json(path)) is not None:
+            return record
+        labeled = set(previous["labeled_ids"])
+        unlabeled = [stack for stack in self.data.pool if stack.id not in labeled]
+        time_model = LabelTimeModel().fit([self.data.true_features[i] for i in previous["labeled_ids"]],
+                                          [self.data.true_seconds([i]) for i in previous["labeled_ids"]])
+        scores_by_id = self._scores(previous_model, unlabeled)
+        scores = [scores_by_id[stack.id] for stack in unlabeled]
+        predicted = time_model.predict([s.features for s in scores])
+        if self.protocol == "coreset":  # doubling: as many new stacks as are labeled, one "second" each
+            seconds, budget = np.ones(len(unlabeled)), float(len(labeled))
+        else:
+            seconds, budget = predicted, self.config.budget_fraction * self.total_seconds
+        selection = select_batch(method, scores, seconds, budget, _rng(seed, method, round_index), self.config)
+        picked = [unlabeled[i].id for i in selection.indices]
+        picked_predicted = math.fsum(predicted[selection.indices])
+        picked_true = self.data.true_seconds(picked)
+        batch = {
+            "budget": budget, "budget_unit": "stacks" if self.protocol == "coreset" else "predicted seconds",
+            "picked_ids": picked, "n_picked": len(picked),
+            "picked_budget_used": selection.total_seconds,
+            "picked_predicted_seconds": picked_predicted, "picked_true_seconds": picked_true,
+            "batch_time_rel_error": (picked_predicted - picked_true) / picked_true if picked_true > 0 else float("nan"),
+            "picked_positive": sum(bool(unlabeled[i].label.any()) for i in selection.indices),
+            "time_model": {"a": float(time_model.coef_[0]), "b": float(time_model.coef_[1]),
+                           "c": time_model.intercept_, "n": time_model.n_, "source": time_model.source_,
+                           "r2": time_model.r2_},
+        }
+        return self._train_and_finish(seed, method, round_index, sorted(labeled | set(picked)), **batch)
+
+    def run_seed(self, seed: int, bar: tqdm) -> None:
+        start = self.seed_cell(seed)
+        bar.update(1)
+        if self.protocol == "coreset":
+            self.full_pool_cell(seed)
+            bar.update(1)
+        for method in self.methods:
+            previous, model_path = start, self.cell_dir(seed, None) / "round0.pt"
+            for round_index in range(1, self.config.rounds + 1):
+                bar.set_postfix(seed=seed, method=method, round=round_index)
+                previous = self.round_cell(seed, method, round_index, previous, model_path)
+                model_path = self.cell_dir(seed, method) / f"round{round_index}.pt"
+                bar.update(1)
+
+
+def _check_out_dir(out: Path, protocol: str, config: ExperimentConfig, data: Data, resume: bool) -> None:
+    """Write OUT/<protocol>_config.json (config + data fingerprint), or check it matches when resuming."""
+    path = out / f"{protocol}_config.json"
+    wanted = dataclasses.asdict(config) | {"data_fingerprint": data.fingerprint()}
+    existing = _read_json(path)
+    if existing is not None and not resume:
+        raise ExperimentError(f"{out} already holds a {protocol} run; pass --resume to continue it or choose "
+                              "another --out")
+    if existing is not None and existing != wanted:
+        changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+        raise ExperimentError(f"cannot resume {path}: its config differs from {config.name!r} in {changed}")
+    if existing is None:
+        _write_json(path, wanted)
+
+
+def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds: Sequence[int], *,
+                 resume: bool = False, methods: Sequence[str] | None = None, data: Data | None = None,
+                 progress: bool = True, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run `protocol` ("coreset" or "cost") for every seed; returns all records (see `load_records`).
+
+    Seeds share the pool and test set (generated from `config.data_seed`) and differ by seed set, random
+    choices and training seeds; all methods of a seed share its round 0. `on_record(record)` is called
+    after each newly finished cell (tests interrupt a run there). After each seed the CSV, plot and
+    table are rewritten, so an interrupted run still leaves a report of what finished.
+    """
+    from ichal.experiment_plots import write_report
+
+    if protocol not in PROTOCOLS:
+        raise ExperimentError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    config.validate()
+    methods = tuple(methods or PROTOCOL_METHODS[protocol])
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ExperimentError(f"unknown methods {unknown}; expected some of {METHODS}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ExperimentError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / f"{protocol}_config.json").exists():
+        raise ExperimentError(f"{out} already holds a {protocol} run; pass --resume to continue it or choose "
+                              "another --out")
+    data = data or make_data(config, progress)
+    _check_out_dir(out, protocol, config, data, resume)
+    run = _Run(protocol, config, data, out, methods, progress, on_record)
+    cells_per_seed = 1 + (protocol == "coreset") + len(methods) * config.rounds
+    with tqdm(total=cells_per_seed * len(seeds), desc=f"{protocol} cells", unit="cell", disable=not progress) as bar:
+        for seed in seeds:
+            run.run_seed(seed, bar)
+            write_report(protocol, out, load_records(out, protocol))
+    return load_records(out, protocol)
+
+
+def load_records(out: str | Path, protocol: str) -> list[dict]:
+    """All finished cell records of `protocol` under `out`; round 0 is repeated once per method that ran."""
+    root = Path(out) / protocol
+    records = []
+    for seed_dir in sorted(root.glob("seed*")):
+        shared = _read_json(seed_dir / "shared" / "round0.json")
+        for method_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir() and p.name != "shared"):
+            rounds = sorted(method_dir.glob("round*.json"), key=lambda p: int(p.stem.removeprefix("round")))
+            if shared is not None and method_dir.name != FULL_POOL and rounds:
+                records.append(shared | {"method": method_dir.name})
+            records.extend(json.loads(path.read_text()) for path in rounds)
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ichal.experiment_plots import write_report
+
+    parser = argparse.ArgumentParser(prog="python -m ichal.experiment", description=__doc__.splitlines()[0])
+    parser.add_argument("protocol", choices=PROTOCOLS)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="quick")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (records, checkpoints, CSV, PNG, table)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all methods of the protocol")
+    parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished cells")
+    parser.add_argument("--report-only", action="store_true", help="rewrite CSV/PNG/table from finished cells")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.report_only:
+        write_report(args.protocol, args.out, load_records(args.out, args.protocol))
+        return 0
+    try:
+        run_protocol(args.protocol, CONFIGS[args.config], args.out, args.seeds, resume=args.resume,
+                     methods=args.methods)
+    except ExperimentError as error:
+        parser.error(str(error))
+    print(f"wrote {args.out / f'{args.protocol}_results.csv'}, {args.protocol}_ap.png, {args.protocol}_table.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Reports of active-learning experiments: per-cell CSV, AP curves with error bars, markdown table.
+
+Kuo et al. 2018, Fig. 4 (core-set AP vs. labeled fraction) and Fig. 5 (cost-sensitive AP vs. labeling time).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend chosen first: no display here)
+import numpy as np  # noqa: E402
+
+from ichal.io import atomic_write_bytes  # noqa: E402
+
+AP_LEVELS = ("pixel_ap", "region_ap", "frame_ap", "stack_ap")
+CSV_COLUMNS = (
+    "protocol", "method", "seed", "round", "n_labeled", "labeled_fraction", "labeled_hours", "n_picked",
+    "picked_positive", "budget", "picked_budget_used", "picked_predicted_seconds", "picked_true_seconds",
+    "batch_time_rel_error", *AP_LEVELS, "dice", "mean_dice_positive", "train_seconds", "picked_ids",
+)
+METHOD_LABELS = {
+    "random": "random", "uncertainty": "uniform-cost QBC", "cost_sensitive": "cost-sensitive (knapsack)",
+    "acft": "ACFT", "foreground_random": "foreground random", "full_pool": "whole pool",
+}
+
+
+def _flat(record: dict) -> dict:
+    """One CSV row of a cell record (metrics inlined, picked ids joined by spaces)."""
+    row = {key: record.get(key, "") for key in CSV_COLUMNS} | {k: record["metrics"][k] for k in
+                                                              (*AP_LEVELS, "dice", "mean_dice_positive")}
+    row["picked_ids"] = " ".join(record.get("picked_ids", []))
+    return row
+
+
+def write_csv(records: Sequence[dict], path: Path) -> None:
+    """One row per (method, seed, round) cell, atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for record in sorted(records, key=lambda r: (r["method"], r["seed"], r["round"])):
+        writer.writerow(_flat(record))
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def summarize(records: Sequence[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (method, round): keys `<name>` and `<name>_std`."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["method"], record["round"]), []).append(_flat(record))
+    numeric = [c for c in CSV_COLUMNS if c not in ("protocol", "method", "seed", "round", "picked_ids")]
+    summary = []
+    for (method, round_index), rows in sorted(groups.items()):
+        entry = {"method": method, "round": round_index, "seeds": len(rows)}
+        for column in numeric:
+            values = np.array([float(r[column]) if r[column] != "" else np.nan for r in rows], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            entry[column] = float(finite.mean()) if finite.size else float("nan")
+            entry[f"{column}_std"] = float(finite.std()) if finite.size else float("nan")
+        summary.append(entry)
+    return summary
+
+
+def _x_axis(protocol: str) -> tuple[str, str]:
+    return ("labeled_fraction", "labeled fraction of the pool") if protocol == "coreset" else \
+        ("labeled_hours", "labeled data: simulated annotator hours")
+
+
+def plot_curves(protocol: str, summary: Sequence[dict], path: Path) -> None:
+    """2x2 AP panels (pixel/region/frame/stack) against labeled fraction or hours; bars = std over seeds."""
+    x_key, x_label = _x_axis(protocol)
+    figure, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    methods = sorted({s["method"] for s in summary if s["method"] != "full_pool"})
+    for axis, level in zip(axes.ravel(), AP_LEVELS):
+        for method in methods:
+            points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["round"])
+            axis.errorbar([p[x_key] for p in points], [p[level] for p in points],
+                          xerr=[p[f"{x_key}_std"] for p in points], yerr=[p[f"{level}_std"] for p in points],
+                          marker="o", capsize=3, label=METHOD_LABELS.get(method, method))
+        for reference in (s for s in summary if s["method"] == "full_pool"):
+            axis.axhline(reference[level], color="gray", linestyle="--", label="whole pool (S1)")
+            axis.axhspan(reference[level] - reference[f"{level}_std"], reference[level] + reference[f"{level}_std"],
+                         color="gray", alpha=0.15)
+        axis.set_title(level.replace("_ap", " AP"))
+        axis.set_xlabel(x_label)
+        axis.set_ylabel("AP on held-out test set")
+        axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    seeds = max((s["seeds"] for s in summary), default=0)
+    figure.suptitle(f"{protocol}: mean over {seeds} seed(s), bars = std")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _pm(entry: dict, key: str, digits: int = 3, scale: float = 1.0) -> str:
+    """`mean ± std` of summary column `key` times `scale` (just the mean for one seed); '-' when undefined."""
+    value, spread = entry[key] * scale, entry[f"{key}_std"] * scale
+    if not np.isfinite(value):
+        return "-"
+    return f"{value:.{digits}f} ± {spread:.{digits}f}" if entry["seeds"] > 1 else f"{value:.{digits}f}"
+
+
+def markdown_table(protocol: str, summary: Sequence[dict]) -> str:
+    """Mean ± std over seeds per (method, round): labeled data, picked batch, its time estimate, APs."""
+    x_key, _ = _x_axis(protocol)
+    header = ["method", "round", "seeds", "labeled stacks", "labeled h" if x_key == "labeled_hours" else "labeled frac",
+              "picked", "picked +", "batch pred. h", "batch true h", "batch time rel. err", "pixel AP", "region AP",
+              "frame AP", "stack AP"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in sorted(summary, key=lambda s: (s["round"], s["method"])):
+        batch = e["round"] > 0 and e["method"] != "full_pool"
+        cells = [METHOD_LABELS.get(e["method"], e["method"]), str(e["round"]), str(e["seeds"]), _pm(e, "n_labeled", 1),
+                 _pm(e, x_key, 2), _pm(e, "n_picked", 1) if batch else "-", _pm(e, "picked_positive", 1) if batch else "-",
+                 _pm(e, "picked_predicted_seconds", 2, 1 / 3600) if batch else "-",
+                 _pm(e, "picked_true_seconds", 2, 1 / 3600) if batch else "-",
+                 _pm(e, "batch_time_rel_error", 2) if batch else "-",
+                 *(_pm(e, level) for level in AP_LEVELS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> None:
+    """OUT/<protocol>_results.csv, OUT/<protocol>_ap.png and OUT/<protocol>_table.md from the records."""
+    if not records:
+        return
+    out = Path(out)
+    write_csv(records, out / f"{protocol}_results.csv")
+    summary = summarize(records)
+    plot_curves(protocol, summary, out / f"{protocol}_ap.png")
+    atomic_write_bytes(out / f"{protocol}_table.md", markdown_table(protocol, summary).encode())

@@ -1,0 +1,139 @@
+"""Experiment bookkeeping: budgets, disjoint batches, pool partition, resumability, reports, selectors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ichal.experiment import (
+    ExperimentConfig,
+    ExperimentError,
+    foreground_random_select,
+    load_records,
+    main,
+    make_data,
+    run_protocol,
+)
+
+MINI = ExperimentConfig(name="mini", pool_count=16, test_count=3, size=32, rounds=2, members=2, iterations=4,
+                        batch_size=4, coreset_seed_fraction=0.125)
+
+
+METHODS = ("random", "cost_sensitive")  # the resumed run: selectors are independent of each other
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(1)
+    return make_data(MINI, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cost_run(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("cost")
+    return out, run_protocol("cost", MINI, out, [0], data=data, progress=False)
+
+
+def _by_cell(records):
+    return {(r["method"], r["seed"], r["round"]): r for r in records}
+
+
+def test_cost_rounds_respect_the_predicted_budget_and_label_each_stack_once(cost_run, data):
+    _, records = cost_run
+    cells = _by_cell(records)
+    pool_ids = set(data.pool_ids)
+    budget = MINI.budget_fraction * data.true_seconds(data.pool_ids)
+    assert {m for m, _, _ in cells} == {"random", "uncertainty", "cost_sensitive", "acft", "foreground_random"}
+    for (method, seed, round_index), record in cells.items():
+        labeled = record["labeled_ids"]
+        assert len(labeled) == len(set(labeled)) and set(labeled) <= pool_ids
+        if round_index == 0:
+            assert len(labeled) == MINI.pool_count // 2
+            continue
+        previous = set(cells[(method, seed, round_index - 1)]["labeled_ids"])
+        picked = record["picked_ids"]
+        assert len(picked) == len(set(picked)) == record["n_picked"]
+        assert not previous & set(picked), "a stack was labeled twice"
+        assert set(labeled) == previous | set(picked)
+        assert record["budget"] == pytest.approx(budget)
+        assert record["picked_predicted_seconds"] <= budget + 1e-6
+        assert record["picked_true_seconds"] == pytest.approx(data.true_seconds(picked))
+        assert record["labeled_hours"] == pytest.approx(data.true_seconds(labeled) / 3600)
+        for level in ("pixel_ap", "region_ap", "frame_ap", "stack_ap"):
+            value = record["metrics"][level]
+            assert np.isnan(value) or 0.0 <= value <= 1.0
+
+
+def test_coreset_doubles_the_labeled_set_every_round(tmp_path, data):
+    records = run_protocol("coreset", MINI, tmp_path, [3], methods=["random", "uncertainty"], data=data,
+                           progress=False)
+    cells = _by_cell(records)
+    assert cells[("full_pool", 3, 0)]["n_labeled"] == MINI.pool_count
+    for method in ("random", "uncertainty"):
+        assert [cells[(method, 3, r)]["n_labeled"] for r in range(3)] == [2, 4, 8]
+        assert cells[(method, 3, 2)]["n_picked"] == 4
+    report = (tmp_path / "coreset_table.md").read_text()
+    assert "uniform-cost QBC" in report and "whole pool" in report
+    assert (tmp_path / "coreset_ap.png").stat().st_size > 10_000
+    assert len((tmp_path / "coreset_results.csv").read_text().splitlines()) == 1 + len(records)
+
+
+def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, cost_run, data):
+    _, reference = cost_run
+    finished = []
+
+    def interrupt_after_three(record):
+        finished.append(record)
+        if len(finished) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_protocol("cost", MINI, tmp_path, [0], methods=METHODS, data=data, progress=False,
+                     on_record=interrupt_after_three)
+    with pytest.raises(ExperimentError, match="--resume"):
+        run_protocol("cost", MINI, tmp_path, [0], methods=METHODS, data=data, progress=False)
+    redone = []
+    records = run_protocol("cost", MINI, tmp_path, [0], methods=METHODS, data=data, progress=False, resume=True,
+                           on_record=redone.append)
+    assert len(redone) == 1 + len(METHODS) * MINI.rounds - len(finished)  # round 0: one cell shared by all
+    assert not {(r["method"], r["round"]) for r in redone} & {(r["method"], r["round"]) for r in finished}
+    got = _by_cell(records)
+    expected = {cell: record for cell, record in _by_cell(reference).items() if cell[0] in METHODS}
+    assert expected.keys() == got.keys()
+    for cell, record in expected.items():
+        assert got[cell]["labeled_ids"] == record["labeled_ids"]
+        assert got[cell]["metrics"]["stack_ap"] == pytest.approx(record["metrics"]["stack_ap"], nan_ok=True)
+
+
+def test_resuming_refuses_a_different_config_or_pool(cost_run, data):
+    out, records = cost_run
+    with pytest.raises(ExperimentError, match="iterations"):
+        run_protocol("cost", dataclasses.replace(MINI, iterations=5), out, [0], resume=True, data=data, progress=False)
+    changed = dataclasses.replace(data, pool=[*data.pool[1:], data.pool[0]])
+    with pytest.raises(ExperimentError, match="data_fingerprint"):
+        run_protocol("cost", MINI, out, [0], resume=True, data=changed, progress=False)
+    assert load_records(out, "cost") == records
+
+
+def test_foreground_random_takes_predicted_positives_first():
+    rng = np.random.default_rng(0)
+    stack_score = np.array([0.9, 0.1, 0.8, 0.2, 0.7])
+    seconds = np.array([10.0, 1.0, 10.0, 1.0, 100.0])
+    selection = foreground_random_select(stack_score, seconds, 22.0, rng)
+    assert set(selection.indices[:2].tolist()) == {0, 2}  # the 100 s positive does not fit
+    assert set(selection.indices[2:].tolist()) == {1, 3}
+    assert selection.total_seconds == pytest.approx(22.0)
+
+
+def test_cli_rejects_unknown_protocol_and_bad_seeds(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["both", "--out", str(tmp_path)])
+    with pytest.raises(ExperimentError, match="seeds"):
+        run_protocol("cost", MINI, tmp_path, [1, 1], progress=False)
