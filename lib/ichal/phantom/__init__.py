@@ -16,6 +16,7 @@ from ichal.phantom.generator import (
     render_stack,
     stack_seed,
 )
+from ichal.phantom.writers import choose_labeled, write_pool, write_stack
 
 __all__ = [
     "BLEED_KINDS",
@@ -30,4 +31,7 @@ __all__ = [
     "render_stack",
     "simulated_annotator_seconds",
     "stack_seed",
+    "choose_labeled",
+    "write_pool",
+    "write_stack",
 ]

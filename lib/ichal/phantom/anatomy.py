@@ -135,7 +135,7 @@ def sample_head(rng: np.random.Generator) -> HeadParams:
             calcifications.append(Ellipsoid((side * (21.0 + 2.0 * s), -3.0, -4.0), (2.0, 3.0, 2.5)))
     return HeadParams(
         cavity_axes_mm=(lateral, anterior, posterior, superior),
-        skull_thickness_mm=_uniform(rng, 4.0, 5.5),
+        skull_thickness_mm=_uniform(rng, 3.6, 5.0),
         skull_thickness_swing_mm=_uniform(rng, 0.8, 1.5),
         scalp_thickness_mm=_uniform(rng, 4.0, 7.0),
         atrophy=atrophy,
