@@ -32,7 +32,7 @@ def stop_orthanc(folder: Path) -> None:
 def orthanc_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """DICOMweb root of a fresh Orthanc for the test session (storage in a temp folder)."""
     if not ORTHANC_BINARY.exists() or shutil.which("curl") is None:
-        pytest.skip("Orthanc is not installed: run scripts/install_system_deps.sh (Debian orthanc, orthanc-dicomweb)")
+        pytest.fail("Orthanc is not installed: run scripts/install_system_deps.sh (the test command does)")
     folder = tmp_path_factory.mktemp("orthanc")
     url = start_orthanc(folder, free_port())
     try:

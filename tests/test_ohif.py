@@ -145,9 +145,10 @@ def show_middle_slice(page, viewport) -> None:
 def test_chromium_renders_pacs_study_in_ohif(
     ohif_server: str, orthanc_url: str, phantom_series_dir: Path, tmp_path: Path
 ):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
     if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed: run scripts/install_system_deps.sh")
+        pytest.fail("Debian chromium is not installed: run scripts/install_system_deps.sh (the test command does)")
     study_uid, _ = pacs.stow_series(orthanc_url, phantom_series_dir)
     screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ohif.png")
     html_assets: list[str] = []
