@@ -6,7 +6,7 @@ the acute bleeds of `ichal.phantom.bleeds` are painted on top of these layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -78,7 +78,7 @@ class HeadParams:
     ventricles: tuple[Ellipsoid, ...]
     deep_gray: tuple[Ellipsoid, ...]
     calcifications: tuple[Ellipsoid, ...]
-    extra: dict[str, float] = field(default_factory=dict)
+    falx_thickness_mm: float
 
 
 def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -147,7 +147,7 @@ def sample_head(rng: np.random.Generator) -> HeadParams:
         ventricles=tuple(ventricles),
         deep_gray=tuple(deep_gray),
         calcifications=tuple(calcifications),
-        extra={"falx_thickness_mm": _uniform(rng, 0.9, 1.6), "ventricle_scale": s},
+        falx_thickness_mm=_uniform(rng, 0.9, 1.6),
     )
 
 
@@ -386,7 +386,7 @@ def render_intracranial(head: HeadParams, fields: NoiseFields, canvas: SliceCanv
     fissure = soft_inside(np.abs(midline) - (0.8 + 2.0 * head.atrophy), px) * fissure_zone * soft_inside(cavity_sdf, px)
     canvas.paint(fissure, hu["csf"], "csf")
     midline = grid.u - 1.2 * np.sin(grid.v / 23.0 + grid.w / 31.0)
-    falx = sheet_fraction(midline, head.extra["falx_thickness_mm"], 0.0, px) * fissure_zone * soft_inside(cavity_sdf + 0.5, px)
+    falx = sheet_fraction(midline, head.falx_thickness_mm, 0.0, px) * fissure_zone * soft_inside(cavity_sdf + 0.5, px)
     falx *= np.clip(0.75 + 0.25 * cells, 0.3, 1.0)
     canvas.paint(falx, hu["falx"], "falx")
     tent_nz = 1.0 / np.sqrt(1.0 + TENTORIUM_SLOPE[0] ** 2 + TENTORIUM_SLOPE[1] ** 2)

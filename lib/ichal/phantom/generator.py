@@ -89,7 +89,7 @@ def _bleed_reach_mm(bleed: Bleed, ventricle_radius_mm: float) -> float:
     if bleed.kind == "intraparenchymal":
         return 1.45 * max(bleed.axes_mm) + bleed.radius_mm * 0.6 + bleed.edema_mm + 3.0
     if bleed.kind == "intraventricular":
-        return ventricle_radius_mm + 45.0
+        return ventricle_radius_mm + 6.0
     return bleed.radius_mm + 6.0
 
 
