@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -87,25 +86,6 @@ def test_fix_is_idempotent():
     assert endpoints.count(ohif_route.get_ohif_file) == 1
 
 
-MINIMAL_APP = '''"""Test-only MONAI Label app: no tasks, serves OHIF for a DICOMweb datastore."""
-import monailabel.app
-from monailabel.interfaces.app import MONAILabelApp
-from ohif_route import fix_ohif_route
-
-
-class OhifOnlyApp(MONAILabelApp):
-    def __init__(self, app_dir, studies, conf):
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="ohif-test", description="OHIF only")
-
-    def _download_dcmqi_tools(self):
-        """No dcmqi download: SEGs are written with highdicom."""
-
-    def on_init_complete(self):
-        super().on_init_complete()
-        fix_ohif_route(monailabel.app.app)
-'''
-
-
 @pytest.fixture
 def phantom_series_dir(tmp_path: Path) -> Path:
     """A phantom head CT (128 x 128 pixels, about 36 slices) as a DICOM series."""
@@ -116,16 +96,10 @@ def phantom_series_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def ohif_server(orthanc_url: str, tmp_path: Path) -> Iterator[str]:
-    """Base URL of `monailabel start_server` on a minimal app whose studies are the Orthanc."""
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    (app_dir / "main.py").write_text(MINIMAL_APP)
-    shutil.copy(ROUTE_FILE, app_dir / "ohif_route.py")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(server_fixtures, "APP_DIR", app_dir)
-        patch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicom_cache"))
-        with server_fixtures.running_server(orthanc_url, {}, tmp_path / "server.log", timeout_s=120) as url:
-            yield url
+    """Base URL of our hemorrhage app (`monailabel start_server`) whose studies are the Orthanc."""
+    conf = {"state_dir": str(tmp_path / "state"), "pacs_sync_seconds": "1"}
+    with server_fixtures.running_server(orthanc_url, conf, tmp_path / "server.log", timeout_s=180) as url:
+        yield url
 
 
 def show_middle_slice(page, viewport) -> None:
