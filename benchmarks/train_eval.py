@@ -49,6 +49,7 @@ def run(train_counts: list[int], test_count: int, size: int, settings: TrainSett
         for item in tqdm(test_items, desc="evaluating", unit="stack"):
             evaluator.update(predict_stack(model, item.image_hu, item.spacing_mm).mean_prob, item.label)
         row = {"train_stacks": count, "positive_train_stacks": sum(bool(i.label.any()) for i in subset),
+               "positive_test_stacks": sum(bool(i.label.any()) for i in test_items),
                "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start} | evaluator.result()
         rows.append(row)
         print(json.dumps(row), flush=True)
