@@ -114,8 +114,13 @@ def markdown_table(protocol: str, summary: Sequence[dict]) -> str:
               "picked", "picked +", "batch pred. h", "batch true h", "batch time rel. err", "pixel AP", "region AP",
               "frame AP", "stack AP"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    shared_round0 = False
     for e in sorted(summary, key=lambda s: (s["round"], s["method"])):
         batch = e["round"] > 0 and e["method"] != "full_pool"
+        if e["round"] == 0 and e["method"] != "full_pool":
+            if shared_round0:  # every method starts from the same seed set: one row
+                continue
+            shared_round0, e = True, e | {"method": "seed set (all methods)"}
         cells = [METHOD_LABELS.get(e["method"], e["method"]), str(e["round"]), str(e["seeds"]), _pm(e, "n_labeled", 1),
                  _pm(e, x_key, 2), _pm(e, "n_picked", 1) if batch else "-", _pm(e, "picked_positive", 1) if batch else "-",
                  _pm(e, "picked_predicted_seconds", 2, 1 / 3600) if batch else "-",
