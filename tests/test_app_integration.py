@@ -111,6 +111,18 @@ def test_training_produces_a_model_reported_in_info(server, pool):
     assert stats["state"] == "DONE" and stats["stacks"] == 3
 
 
+def test_a_stopped_training_leaves_the_previous_model_serving(server, pool):
+    c = MONAILabelClient(server)
+    before = c.info()["ichal"]["model"]["version"]
+    wait_for(lambda: not c.train_status(check_if_running=True), 120, "the previous training task to end")
+    c.train_start("hemorrhage", {"mode": "retrain", "iterations": 100000})
+    wait_for(lambda: c.info()["train_stats"]["hemorrhage"].get("progress"), 300, "training to make progress")
+    c.train_stop()
+    stats = wait_for(lambda: (s := c.info()["train_stats"]["hemorrhage"])["state"] == "STOPPED" and s, 60, "STOPPED")
+    assert stats["state"] == "STOPPED"
+    assert c.info()["ichal"]["model"]["version"] == before
+
+
 def test_scoring_stores_value_features_and_model_version_for_every_unlabeled_stack(server):
     c = MONAILabelClient(server)
     version = c.info()["ichal"]["model"]["version"]

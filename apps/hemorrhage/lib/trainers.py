@@ -4,6 +4,7 @@ as a subprocess). The new ensemble replaces the old one only when training compl
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -19,6 +20,18 @@ from .errors import client_error
 logger = logging.getLogger(__name__)
 
 
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class EnsembleTrain(TrainTask):
     def __init__(self, context: AppContext):
         super().__init__("PatchFCN committee (retrain from scratch or continual fine-tuning)")
@@ -29,7 +42,11 @@ class EnsembleTrain(TrainTask):
         return {"mode": s.train_mode, "iterations": s.train_iterations, "ensemble_size": s.ensemble_size}
 
     def stats(self) -> dict:
-        return self.context.train_status.read()
+        status = self.context.train_status.read()
+        if status.get("state") == "RUNNING" and not _alive(status.get("pid")):
+            # The run was stopped (DELETE /train/) or killed before it could say so; its model was never saved.
+            status["state"] = "STOPPED"
+        return status
 
     def __call__(self, request: dict, datastore: Any) -> dict:
         s = self.context.settings
@@ -58,7 +75,8 @@ class EnsembleTrain(TrainTask):
             seed=s.seed, device=s.device,
         )
         started = time.time()
-        self._status({"state": "RUNNING", "mode": mode, "stacks": len(items), "started": started})
+        self._status({"state": "RUNNING", "mode": mode, "stacks": len(items), "started": started, "pid": os.getpid(),
+                      "error": None})
         last_report = [0.0]
 
         def progress(event: dict) -> None:
