@@ -55,7 +55,8 @@ class BudgetedStrategy(Strategy):
         self.context = context
 
     def info(self) -> dict:
-        return {**super().info(), "budget_minutes_default": self.context.settings.budget_minutes}
+        # `config` is what clients that show per-task options (e.g. 3D Slicer's Options section) offer to edit.
+        return {**super().info(), "config": {"budget_minutes": self.context.settings.budget_minutes}}
 
     def __call__(self, request: dict, datastore: Any) -> dict:
         budget_seconds = budget_seconds_from(request, self.context.settings.budget_minutes)
