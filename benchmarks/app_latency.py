@@ -1,7 +1,7 @@
 """Latency of each endpoint of the hemorrhage app on a pool (default: a copy of sample_data/), CPU,
 and how committee scoring time grows with pool size. Starts the real server; prints a table.
 
-    python benchmarks/app_latency.py [--pool sample_data] [--scoring-sizes 4 8 16] [--iterations 20]
+    python benchmarks/app_latency.py [--pool sample_data] [--scoring-sizes 6 12 18] [--iterations 20]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def scored_count(url: str, version: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", type=Path, default=REPO / "sample_data")
-    parser.add_argument("--scoring-sizes", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--scoring-sizes", type=int, nargs="+", default=[6, 12, 18])
     parser.add_argument("--iterations", type=int, default=20, help="training steps per member (latency only)")
     args = parser.parse_args()
     # Scoring is timed on request, not started by the server on its own after start-up and training.

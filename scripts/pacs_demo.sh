@@ -33,7 +33,7 @@ if [ -z "$dicom" ]; then
         if [ ! -d "$dicom" ]; then
             echo "generating ${ICHAL_DEMO_COUNT:-6} phantom CT stacks as DICOM into $dicom" >&2
             OMP_NUM_THREADS=1 "$venv/bin/python" -m ichal.phantom --out "$root/var/pacs_sample" \
-                --count "${ICHAL_DEMO_COUNT:-6}" --size 256 --seed 0 --dicom
+                --count "${ICHAL_DEMO_COUNT:-6}" --size 256 --seed 0 --dicom --overwrite
         fi
     fi
 fi
