@@ -40,7 +40,6 @@ fi
 "$venv/bin/python" -m ichal.pacs upload "$dicomweb" "$dicom"
 
 export MONAI_LABEL_TRACKING_ENABLED=false
-export MONAI_LABEL_DICOMWEB_CACHE_PATH="${MONAI_LABEL_DICOMWEB_CACHE_PATH:-$root/var/pacs_cache}"
 echo "app: http://127.0.0.1:$app_port  (OHIF: http://127.0.0.1:$app_port/ohif/)" >&2
 "$venv/bin/python" -m monailabel.main start_server --app "$root/apps/hemorrhage" --studies "$dicomweb" \
     --host 127.0.0.1 --port "$app_port" "$@"
