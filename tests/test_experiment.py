@@ -65,6 +65,7 @@ def test_cost_rounds_respect_the_predicted_budget_and_label_each_stack_once(cost
         assert record["budget"] == pytest.approx(budget)
         assert record["picked_predicted_seconds"] <= budget + 1e-6
         assert record["picked_true_seconds"] == pytest.approx(data.true_seconds(picked))
+        assert (record["picked_oracle_seconds"] > 0) == bool(picked)
         assert record["labeled_hours"] == pytest.approx(data.true_seconds(labeled) / 3600)
         for level in ("pixel_ap", "region_ap", "frame_ap", "stack_ap"):
             value = record["metrics"][level]

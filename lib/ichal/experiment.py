@@ -166,6 +166,8 @@ def _train(config: ExperimentConfig, data: Data, labeled_ids: Sequence[str], tra
     with tqdm(total=config.members * config.iterations, desc=f"training on {len(items)}", unit="it",
               leave=False, disable=not progress) as bar:
         model = train_ensemble(items, settings, progress=lambda event: bar.update("loss" in event))
+    for member in model.members:  # train_ensemble hands members back on the CPU
+        member.to(config.device)
     return model, time.perf_counter() - start
 
 
@@ -300,7 +302,8 @@ class _Run:
         cached = self._score_cache.setdefault(str(model_path), {})
         missing = [stack for stack in unlabeled if stack.id not in cached]
         if missing:
-            cached |= score_stacks(self.config, load_ensemble(model_path), missing, self.progress)
+            cached |= score_stacks(self.config, load_ensemble(model_path, self.config.device), missing,
+                                   self.progress)
         return {stack.id: cached[stack.id] for stack in unlabeled}
 
     def round_cell(self, seed: int, method: str, round_index: int, previous: dict, previous_model: Path) -> dict:
@@ -326,11 +329,16 @@ class _Run:
         picked = [unlabeled[i].id for i in selection.indices]
         picked_predicted = math.fsum(predicted[selection.indices])
         picked_true = self.data.true_seconds(picked)
+        # The same time model on the picked stacks' TRUE masks: separates the regressor's error from the
+        # error of predicting masks with the ensemble.
+        picked_oracle = math.fsum(time_model.predict([self.data.true_features[i] for i in picked])) if picked \
+            else 0.0
         batch = {
             "budget": budget, "budget_unit": "stacks" if self.protocol == "coreset" else "predicted seconds",
             "picked_ids": picked, "n_picked": len(picked),
             "picked_budget_used": selection.total_seconds,
             "picked_predicted_seconds": picked_predicted, "picked_true_seconds": picked_true,
+            "picked_oracle_seconds": picked_oracle,
             "batch_time_rel_error": (picked_predicted - picked_true) / picked_true if picked_true > 0 else float("nan"),
             "picked_positive": sum(bool(unlabeled[i].label.any()) for i in selection.indices),
             "time_model": {"a": float(time_model.coef_[0]), "b": float(time_model.coef_[1]),
@@ -431,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all methods of the protocol")
     parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished cells")
     parser.add_argument("--report-only", action="store_true", help="rewrite CSV/PNG/table from finished cells")
+    parser.add_argument("--iterations", type=int, help="training iterations per member (default: the config's)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -438,8 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_report(args.protocol, args.out, load_records(args.out, args.protocol))
         return 0
     try:
-        run_protocol(args.protocol, CONFIGS[args.config], args.out, args.seeds, resume=args.resume,
-                     methods=args.methods)
+        config = CONFIGS[args.config]
+        if args.iterations is not None:
+            config = dataclasses.replace(config, iterations=args.iterations)
+        run_protocol(args.protocol, config, args.out, args.seeds, resume=args.resume, methods=args.methods)
     except ExperimentError as error:
         parser.error(str(error))
     print(f"wrote {args.out / f'{args.protocol}_results.csv'}, {args.protocol}_ap.png, {args.protocol}_table.md")

@@ -22,7 +22,8 @@ AP_LEVELS = ("pixel_ap", "region_ap", "frame_ap", "stack_ap")
 CSV_COLUMNS = (
     "protocol", "method", "seed", "round", "n_labeled", "labeled_fraction", "labeled_hours", "n_picked",
     "picked_positive", "budget", "picked_budget_used", "picked_predicted_seconds", "picked_true_seconds",
-    "batch_time_rel_error", *AP_LEVELS, "dice", "mean_dice_positive", "train_seconds", "picked_ids",
+    "picked_oracle_seconds", "batch_time_rel_error", *AP_LEVELS, "dice", "mean_dice_positive", "train_seconds",
+    "picked_ids",
 )
 METHOD_LABELS = {
     "random": "random", "uncertainty": "uniform-cost QBC", "cost_sensitive": "cost-sensitive (knapsack)",
@@ -111,8 +112,8 @@ def markdown_table(protocol: str, summary: Sequence[dict]) -> str:
     """Mean ± std over seeds per (method, round): labeled data, picked batch, its time estimate, APs."""
     x_key, _ = _x_axis(protocol)
     header = ["method", "round", "seeds", "labeled stacks", "labeled h" if x_key == "labeled_hours" else "labeled frac",
-              "picked", "picked +", "batch pred. h", "batch true h", "batch time rel. err", "pixel AP", "region AP",
-              "frame AP", "stack AP"]
+              "picked", "picked +", "batch pred. h", "batch true h", "batch time rel. err", "pred. h on true masks",
+              "pixel AP", "region AP", "frame AP", "stack AP"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     shared_round0 = False
     for e in sorted(summary, key=lambda s: (s["round"], s["method"])):
@@ -122,10 +123,12 @@ def markdown_table(protocol: str, summary: Sequence[dict]) -> str:
                 continue
             shared_round0, e = True, e | {"method": "seed set (all methods)"}
         cells = [METHOD_LABELS.get(e["method"], e["method"]), str(e["round"]), str(e["seeds"]), _pm(e, "n_labeled", 1),
-                 _pm(e, x_key, 2), _pm(e, "n_picked", 1) if batch else "-", _pm(e, "picked_positive", 1) if batch else "-",
+                 _pm(e, x_key, 2), _pm(e, "n_picked", 1) if batch else "-",
+                 _pm(e, "picked_positive", 1) if batch else "-",
                  _pm(e, "picked_predicted_seconds", 2, 1 / 3600) if batch else "-",
                  _pm(e, "picked_true_seconds", 2, 1 / 3600) if batch else "-",
                  _pm(e, "batch_time_rel_error", 2) if batch else "-",
+                 _pm(e, "picked_oracle_seconds", 2, 1 / 3600) if batch else "-",
                  *(_pm(e, level) for level in AP_LEVELS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
