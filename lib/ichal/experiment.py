@@ -155,7 +155,7 @@ def make_data(config: ExperimentConfig, progress: bool = True) -> Data:
     return Data(pool=pool, test=test, true_features=true_features)
 
 
-def _train(config: ExperimentConfig, data: Data, labeled_ids: Sequence[str], train_seed: int,
+def train_labeled(config: ExperimentConfig, data: Data, labeled_ids: Sequence[str], train_seed: int,
            progress: bool) -> tuple[EnsembleModel, float]:
     """Retrain an ensemble from scratch on `labeled_ids` (paper: retrained every round); returns (model, seconds)."""
     by_id = {stack.id: stack for stack in data.pool}
@@ -274,7 +274,8 @@ class _Run:
 
     def _train_and_finish(self, seed: int, method: str | None, round_index: int, labeled_ids: list[str],
                           **batch: object) -> dict:
-        model, train_seconds = _train(self.config, self.data, labeled_ids, seed * 100 + round_index, self.progress)
+        model, train_seconds = train_labeled(self.config, self.data, labeled_ids, seed * 100 + round_index,
+                                             self.progress)
         metrics = evaluate(self.config, model, self.data.test, self.progress)
         record = self._record(seed, method or "seed_set", round_index, labeled_ids, metrics, train_seconds, **batch)
         return self._finish(seed, method, round_index, model, record)
