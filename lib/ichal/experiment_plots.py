@@ -63,6 +63,7 @@ def summarize(records: Sequence[dict]) -> list[dict]:
             finite = values[np.isfinite(values)]
             entry[column] = float(finite.mean()) if finite.size else float("nan")
             entry[f"{column}_std"] = float(finite.std()) if finite.size else float("nan")
+            entry[f"{column}_n"] = int(finite.size)
         summary.append(entry)
     return summary
 
@@ -101,11 +102,13 @@ def plot_curves(protocol: str, summary: Sequence[dict], path: Path) -> None:
 
 
 def _pm(entry: dict, key: str, digits: int = 3, scale: float = 1.0) -> str:
-    """`mean ± std` of summary column `key` times `scale` (just the mean for one seed); '-' when undefined."""
-    value, spread = entry[key] * scale, entry[f"{key}_std"] * scale
+    """`mean ± std` of summary column `key` times `scale` (just the mean for one value); '-' when undefined;
+    `(n=k)` when only k of the seeds have the value (a column added after a run started)."""
+    value, spread, count = entry[key] * scale, entry[f"{key}_std"] * scale, entry[f"{key}_n"]
     if not np.isfinite(value):
         return "-"
-    return f"{value:.{digits}f} ± {spread:.{digits}f}" if entry["seeds"] > 1 else f"{value:.{digits}f}"
+    text = f"{value:.{digits}f} ± {spread:.{digits}f}" if count > 1 else f"{value:.{digits}f}"
+    return text if count == entry["seeds"] else f"{text} (n={count})"
 
 
 def markdown_table(protocol: str, summary: Sequence[dict]) -> str:

@@ -1,4 +1,4 @@
-"""Batch labeling time predicted from the ensemble masks, from the TRUE masks, and true (cost seeds 0-1).
+"""Batch labeling time predicted from the ensemble masks, from the TRUE masks, and true (cost protocol, every seed).
 
     OMP_NUM_THREADS=1 python docs/results/quick/oracle_times.py   # needs out/experiments/quick
 """
@@ -10,7 +10,7 @@ print("fingerprint", data.fingerprint())
 records = {(r["method"], r["seed"], r["round"]): r for r in load_records("out/experiments/quick", "cost")}
 rows = []
 for (method, seed, rnd), r in sorted(records.items()):
-    if rnd == 0 or seed == 2:
+    if rnd == 0:
         continue
     prev = records[(method, seed, rnd - 1)]["labeled_ids"]
     tm = LabelTimeModel().fit([data.true_features[i] for i in prev], [data.true_seconds([i]) for i in prev])
