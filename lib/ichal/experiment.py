@@ -92,8 +92,8 @@ class ExperimentConfig:
 
 CONFIGS: dict[str, ExperimentConfig] = {
     # CPU: 64 px stacks (3.6 mm pixels), 40-stack pool, 16 test stacks, 400 iterations per member (with 150
-    # the whole pool scored no better than 6 stacks: docs/results.md); about 30 min per seed and protocol
-    # on a shared core.
+    # the whole pool scored no better than 6 stacks: docs/results.md); 12-20 min per seed and protocol
+    # on one shared CPU core.
     "quick": ExperimentConfig(name="quick", pool_count=40, test_count=16, size=64, rounds=2, members=2,
                               iterations=400, coreset_seed_fraction=1 / 8),
     # Paper-sized (section 4/5: 934 train-val, 313 test, seed 1/32 doubled to the whole set, 4 members): a GPU.
@@ -156,7 +156,7 @@ def make_data(config: ExperimentConfig, progress: bool = True) -> Data:
 
 
 def train_labeled(config: ExperimentConfig, data: Data, labeled_ids: Sequence[str], train_seed: int,
-           progress: bool) -> tuple[EnsembleModel, float]:
+                  progress: bool) -> tuple[EnsembleModel, float]:
     """Retrain an ensemble from scratch on `labeled_ids` (paper: retrained every round); returns (model, seconds)."""
     by_id = {stack.id: stack for stack in data.pool}
     items = [TrainItem(i, by_id[i].image_hu, by_id[i].label, by_id[i].spacing_mm) for i in labeled_ids]
