@@ -441,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished cells")
     parser.add_argument("--report-only", action="store_true", help="rewrite CSV/PNG/table from finished cells")
     parser.add_argument("--iterations", type=int, help="training iterations per member (default: the config's)")
+    parser.add_argument("--seed-fraction", type=float,
+                        help="share of the pool labeled at round 0 (default: the config's for the protocol)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -451,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = CONFIGS[args.config]
         if args.iterations is not None:
             config = dataclasses.replace(config, iterations=args.iterations)
+        if args.seed_fraction is not None:
+            field = "coreset_seed_fraction" if args.protocol == "coreset" else "cost_seed_fraction"
+            config = dataclasses.replace(config, **{field: args.seed_fraction})
         run_protocol(args.protocol, config, args.out, args.seeds, resume=args.resume, methods=args.methods)
     except ExperimentError as error:
         parser.error(str(error))
