@@ -38,6 +38,7 @@ TISSUE_CODES: dict[str, int] = {
     "falx": 8,
     "blood": 9,
     "edema": 10,
+    "vessel": 11,
 }
 # Pure-tissue HU ranges that each stack samples its values from (before noise and partial volume).
 TISSUE_HU_RANGES: dict[str, tuple[float, float]] = {
@@ -52,6 +53,7 @@ TISSUE_HU_RANGES: dict[str, tuple[float, float]] = {
     "falx": (50.0, 85.0),
     "blood": (50.0, 90.0),
     "edema": (15.0, 25.0),
+    "vessel": (40.0, 75.0),
 }
 SULCUS_ARC_CELLS = 256
 SULCUS_DEPTH_STEP_MM = 3.0
@@ -95,7 +97,7 @@ def sample_head(rng: np.random.Generator) -> HeadParams:
     atrophy = float(rng.beta(1.5, 3.0))
     ventricle_scale = 0.75 + 0.9 * atrophy + _uniform(rng, -0.05, 0.15)
     ranges = TISSUE_HU_RANGES
-    per_bleed = ("blood", "edema")  # drawn per bleed in ichal.phantom.bleeds
+    per_bleed = ("blood", "edema", "vessel")  # drawn per bleed (ichal.phantom.bleeds) or per mimic (ichal.phantom.mimics)
     tissue_hu = {name: _uniform(rng, low, high) for name, (low, high) in ranges.items() if name not in per_bleed}
     tissue_hu["gray_matter"] = _uniform(rng, 36.0, 41.0)
     tissue_hu["white_matter"] = float(np.clip(tissue_hu["gray_matter"] - _uniform(rng, 8.0, 12.0), *ranges["white_matter"]))

@@ -1,6 +1,9 @@
-"""CT artifacts of the synthetic head: streaks from the dense skull base and correlated quantum noise.
+"""CT artifacts and scanner effects of the synthetic head: streaks, beam-hardening rim, kernel, calibration, noise.
 
-DESIGN.md "Data": streak artifacts as look-alikes and 3-8 HU noise; both are added after the clean HU render.
+DESIGN.md "Data": streak artifacts as look-alikes and 3-8 HU noise, added after the clean HU render. Generator
+version 2 adds what differs between scanners and protocols: a bright rim of brain under the inner table
+(beam hardening; the "pseudo-subdural" look-alike), the reconstruction kernel's blur and the water
+calibration's drift.
 """
 
 from __future__ import annotations
@@ -14,6 +17,44 @@ from ichal.phantom.geometry import SliceGrid
 
 PETROUS_LEVEL_MM = -56.0
 NOISE_CORRELATION_PX = 0.7
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """Per-stack scanner and protocol effects."""
+
+    kernel_sigma_mm: float  # in-plane blur of the reconstruction kernel (0 sharp .. 0.9 soft)
+    calibration_hu: float  # offset of the whole image (water calibration drift)
+    rim_hu: float  # beam-hardening brightening of brain just under the inner table
+    rim_width_mm: float
+
+    def summary(self) -> dict:
+        """JSON-serialisable description for the stack's metadata."""
+        return {name: round(float(value), 2) for name, value in vars(self).items()}
+
+
+def sample_scanner(rng: np.random.Generator) -> Scanner:
+    """Draw one stack's scanner effects."""
+    return Scanner(
+        kernel_sigma_mm=float(rng.uniform(0.0, 0.9)),
+        calibration_hu=float(rng.uniform(-4.0, 4.0)),
+        rim_hu=float(rng.uniform(0.0, 10.0)),
+        rim_width_mm=float(rng.uniform(1.5, 4.0)),
+    )
+
+
+def rim_offsets(scanner: Scanner, cavity_depth_mm: np.ndarray, texture: np.ndarray) -> np.ndarray:
+    """HU offsets (Y, X) of the beam-hardening rim: strongest at the inner table, uneven along it."""
+    inside = cavity_depth_mm > 0
+    strength = np.clip(0.7 + 0.4 * texture, 0.2, 1.2)
+    return (scanner.rim_hu * strength * np.exp(-np.clip(cavity_depth_mm, 0.0, None) / scanner.rim_width_mm) * inside).astype(np.float32)
+
+
+def apply_kernel(volume_hu: np.ndarray, scanner: Scanner, pixel_mm: float) -> np.ndarray:
+    """In-plane Gaussian blur of the reconstruction kernel (slices are independent), plus the calibration offset."""
+    sigma_px = scanner.kernel_sigma_mm / pixel_mm
+    blurred = ndimage.gaussian_filter(volume_hu, (0.0, sigma_px, sigma_px)) if sigma_px > 0.05 else volume_hu
+    return blurred + np.float32(scanner.calibration_hu)
 
 
 @dataclass(frozen=True)

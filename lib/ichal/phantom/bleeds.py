@@ -6,7 +6,7 @@ acute blood only (not the 15-25 HU edema rim, not calcification).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class Bleed:
     edema_mm: float = 0.0
     edema_hu: float = 20.0
     ventricle: int = -1
+    swirl_hu: float = 0.0  # hyperacute "swirl": unclotted patches up to this much darker (never below 50 HU)
 
 
 def _inner_table_point(head: HeadParams, angle: float, w_mm: float) -> tuple[float, float, float]:
@@ -56,8 +57,25 @@ def _blood_hu(rng: np.random.Generator) -> float:
     return float(50.0 + 40.0 * rng.beta(1.3, 1.9))
 
 
+SWIRL_PROBABILITY = 0.3
+
+
 def sample_bleed(rng: np.random.Generator, head: HeadParams, kind: str) -> Bleed:
     """Draw one bleed of `kind` placed in `head`'s anatomy (sizes skewed toward small and thin)."""
+    bleed = _sample_bleed_shape(rng, head, kind)
+    if kind in ("epidural", "subdural", "intraparenchymal") and rng.random() < SWIRL_PROBABILITY:
+        return replace(bleed, swirl_hu=float(rng.uniform(5.0, 20.0)))
+    return bleed
+
+
+def blood_density(bleed: Bleed, cells: np.ndarray) -> np.ndarray | float:
+    """HU of `bleed`'s blood at each pixel: uniform, or darker in patches (`cells`: unit smooth noise) if it swirls."""
+    if bleed.swirl_hu <= 0.0:
+        return bleed.blood_hu
+    return np.maximum(bleed.blood_hu - bleed.swirl_hu * np.clip(cells + 0.3, 0.0, 1.0), 50.0).astype(np.float32)
+
+
+def _sample_bleed_shape(rng: np.random.Generator, head: HeadParams, kind: str) -> Bleed:
     blood_hu = _blood_hu(rng)
     if kind in ("epidural", "subdural"):
         angle = float(rng.uniform(0, 2 * np.pi))

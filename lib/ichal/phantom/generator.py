@@ -21,11 +21,13 @@ from ichal.phantom.anatomy import (
     sample_noise_fields,
 )
 from ichal.phantom.annotator import label_features, simulated_annotator_seconds
-from ichal.phantom.artifacts import correlated_noise, sample_streaks, streak_offsets
-from ichal.phantom.bleeds import BLEED_KINDS, Bleed, bleed_fractions, sample_bleeds
+from ichal.phantom.artifacts import apply_kernel, correlated_noise, rim_offsets, sample_scanner, sample_streaks, streak_offsets
+from ichal.phantom.bleeds import BLEED_KINDS, Bleed, bleed_fractions, blood_density, sample_bleeds
+from ichal.phantom.mimics import render_mimics, sample_mimics
 from ichal.phantom.geometry import FIELD_OF_VIEW_MM, SLICE_THICKNESS_MM, rotation_matrix, slice_grid
 
-GENERATOR_VERSION = "1"
+# 2: blood-density look-alikes (ichal.phantom.mimics), scanner effects, swirling bleeds (docs/phantom.md).
+GENERATOR_VERSION = "2"
 MIN_SIZE = 32
 MAX_SIZE = 1024
 SLICE_COUNT_RANGE = (27, 38)
@@ -99,13 +101,15 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise PhantomError(f"seed must be a non-negative integer, got {seed!r}")
     # Independent streams per component, so that changing one model part leaves the others' draws alone.
-    head_rng, field_rng, bleed_rng, streak_rng, rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(int(seed)).spawn(5)
+    head_rng, field_rng, bleed_rng, streak_rng, rng, mimic_rng, scanner_rng = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(int(seed)).spawn(7)
     )
     head = sample_head(head_rng)
     fields = sample_noise_fields(field_rng)
     bleeds = sample_bleeds(bleed_rng, head)
     streaks = sample_streaks(streak_rng)
+    mimics = sample_mimics(mimic_rng, head)
+    scanner = sample_scanner(scanner_rng)
     n_slices = int(rng.integers(SLICE_COUNT_RANGE[0], SLICE_COUNT_RANGE[1] + 1))
     low, high = NOISE_STD_RANGE_HU
     noise_std_hu = float(low + (high - low) * rng.beta(1.5, 3.0))
@@ -129,6 +133,7 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
         crop = CropIndex(rotation, centre_mm, (coords_mm[0], coords_mm[0]), pixel_mm, z_mm, size)
         canvas = SliceCanvas(grid, crop)
         context = render_intracranial(head, fields, canvas)
+        render_mimics(mimics, canvas, context)
         w_low, w_high = float(grid.w.min()), float(grid.w.max())
         blood_hu = np.zeros((size, size), dtype=np.float32)
         paint = np.zeros((size, size), dtype=np.float32)
@@ -140,7 +145,8 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
             if edema is not None:
                 canvas.paint(edema, bleed.edema_hu, "edema")
             stronger = fraction > paint
-            blood_hu[stronger] = bleed.blood_hu
+            density = blood_density(bleed, context.cells)
+            blood_hu[stronger] = density[stronger] if isinstance(density, np.ndarray) else density
             owner[k][stronger] = index + 1
             paint = np.maximum(paint, fraction)
         canvas.paint(paint, blood_hu, "blood")
@@ -150,9 +156,9 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
         clean_hu[k] = canvas.hu
         tissue[k] = canvas.tissue
         head_mask = (canvas.tissue != TISSUE_CODES["air"]).astype(np.float32)
-        artifact_hu[k] = streak_offsets(streaks, grid, head_mask)
-    artifact_hu += correlated_noise(rng, shape, noise_std_hu)
-    image_hu = np.clip(np.rint(clean_hu + artifact_hu), -1024, 3071).astype(np.int16)
+        artifact_hu[k] = streak_offsets(streaks, grid, head_mask) + rim_offsets(scanner, context.cavity_depth_mm, context.texture)
+    scanned_hu = apply_kernel(clean_hu + artifact_hu, scanner, pixel_mm) + correlated_noise(rng, shape, noise_std_hu)
+    image_hu = np.clip(np.rint(scanned_hu), -1024, 3071).astype(np.int16)
     label = (blood >= 0.5).astype(np.uint8)
     owner = owner * label
 
@@ -173,6 +179,7 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
                 "volume_ml": round(count * voxel_ml, 3),
                 "mean_hu": round(float(clean_hu[mask].mean()), 1),
                 "blood_hu": round(bleed.blood_hu, 1),
+                "swirl_hu": round(bleed.swirl_hu, 1),
                 "n_slices": int(mask.any(axis=(1, 2)).sum()),
             }
         )
@@ -198,6 +205,8 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
         "simulated_seconds": round(seconds, 1),
         "noise_std_hu": round(noise_std_hu, 2),
         "tissue_hu": {name: round(value, 1) for name, value in head.tissue_hu.items()},
+        "mimics": mimics.summary(),
+        "scanner": scanner.summary(),
         "generator_version": GENERATOR_VERSION,
     }
     stack = PhantomStack(stack_id, image_hu, label, affine, spacing_mm, meta)
