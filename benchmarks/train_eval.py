@@ -2,6 +2,8 @@
 
 Kuo et al. 2018, section 5 (pixel/region/frame/stack AP); issue 3's check: 60 vs 200 training stacks,
 40 held-out stacks from a different generator seed. Prints a markdown table; --json writes the figures.
+`--eval-train N` also scores the first N training stacks: a test figure far below the training figure means
+the model overfits (more data should help), equal figures mean the model itself is the limit.
 
     python benchmarks/train_eval.py --size 128 --train-counts 60 200 --test-count 40 --iterations 1500
 """
@@ -29,9 +31,19 @@ def _items(count: int, size: int, seed: int, desc: str) -> list[TrainItem]:
             for s in tqdm(generate_pool(count, size, seed), total=count, desc=desc, unit="stack")]
 
 
+def _evaluate(model, items: list[TrainItem], desc: str) -> tuple[dict, float]:
+    """Detection metrics of `model` on `items` and the seconds it took."""
+    evaluator = DetectionEvaluator()
+    start = time.perf_counter()
+    for item in tqdm(items, desc=desc, unit="stack"):
+        evaluator.update(predict_stack(model, item.image_hu, item.spacing_mm).mean_prob, item.label)
+    return evaluator.result(), time.perf_counter() - start
+
+
 def run(train_counts: list[int], test_count: int, size: int, settings: TrainSettings, seed: int,
-        checkpoint_dir: Path | None) -> list[dict]:
-    """Train one ensemble per count (nested subsets of one generated pool) and evaluate each on the test pool."""
+        checkpoint_dir: Path | None, eval_train: int = 0) -> list[dict]:
+    """Train one ensemble per count (nested subsets of one generated pool) and evaluate each on the test pool
+    (and, with `eval_train`, on the first `eval_train` training stacks)."""
     train_items = _items(max(train_counts), size, seed, "generating training stacks")
     test_items = _items(test_count, size, seed + TEST_POOL_SEED_OFFSET, "generating test stacks")
     rows = []
@@ -44,13 +56,13 @@ def run(train_counts: list[int], test_count: int, size: int, settings: TrainSett
         train_seconds = time.perf_counter() - start
         if checkpoint_dir is not None:
             save_ensemble(model, checkpoint_dir / f"train_eval_{count}.pt")
-        evaluator = DetectionEvaluator()
-        start = time.perf_counter()
-        for item in tqdm(test_items, desc="evaluating", unit="stack"):
-            evaluator.update(predict_stack(model, item.image_hu, item.spacing_mm).mean_prob, item.label)
+        test_metrics, eval_seconds = _evaluate(model, test_items, "evaluating")
         row = {"train_stacks": count, "positive_train_stacks": sum(bool(i.label.any()) for i in subset),
                "positive_test_stacks": sum(bool(i.label.any()) for i in test_items),
-               "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start} | evaluator.result()
+               "train_seconds": train_seconds, "eval_seconds": eval_seconds} | test_metrics
+        if eval_train:
+            train_metrics, _ = _evaluate(model, subset[:eval_train], "evaluating on training stacks")
+            row |= {f"train_set_{name}": value for name, value in train_metrics.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -65,6 +77,11 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['train_stacks']} | {r['pixel_ap']:.3f} ({r['pixel_ap_bound']:.0e}) | {r['region_ap']:.3f} "
             f"| {r['frame_ap']:.3f} | {r['stack_ap']:.3f} | {r['dice']:.3f} | {r['mean_dice_positive']:.3f} "
             f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    if any("train_set_pixel_ap" in r for r in rows):
+        lines += ["", "| train stacks | on training stacks: pixel AP | stack AP | Dice (pooled) | on test stacks: pixel AP | stack AP | Dice (pooled) |",
+                  "|" + "---|" * 7]
+        lines += [f"| {r['train_stacks']} | {r['train_set_pixel_ap']:.3f} | {r['train_set_stack_ap']:.3f} | {r['train_set_dice']:.3f} "
+                  f"| {r['pixel_ap']:.3f} | {r['stack_ap']:.3f} | {r['dice']:.3f} |" for r in rows if "train_set_pixel_ap" in r]
     return "\n".join(lines)
 
 
@@ -77,15 +94,17 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="generator seed of the training pool (test pool: seed + 1000)")
+    parser.add_argument("--train-seed", type=int, help="seed of the ensemble's training (default: --seed)")
+    parser.add_argument("--eval-train", type=int, default=0, metavar="N", help="also evaluate on the first N training stacks")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--checkpoints", type=Path, help="folder to save each trained ensemble")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, iterations=args.iterations,
-                             batch_size=args.batch_size, seed=args.seed)
-    rows = run(sorted(args.train_counts), args.test_count, args.size, settings, args.seed, args.checkpoints)
+                             batch_size=args.batch_size, seed=args.seed if args.train_seed is None else args.train_seed)
+    rows = run(sorted(args.train_counts), args.test_count, args.size, settings, args.seed, args.checkpoints, args.eval_train)
     print(markdown_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
