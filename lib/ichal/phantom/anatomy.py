@@ -206,6 +206,11 @@ def skull_base_floor(u: np.ndarray, v: np.ndarray, floors_mm: tuple[float, float
     return np.where(foramen, -400.0, floor).astype(np.float32)
 
 
+def midline_offset_mm(grid: SliceGrid) -> np.ndarray:
+    """Signed lateral distance (mm) from the gently curving midsagittal plane (falx, fissure, sagittal sinus)."""
+    return grid.u - 1.2 * np.sin(grid.v / 23.0 + grid.w / 31.0)
+
+
 def tentorium_height(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Height w (mm) of the tentorium cerebelli: highest at the incisura, sloping down back and out."""
     return (-14.0 - TENTORIUM_SLOPE[1] * np.clip(v - 10.0, 0.0, None) - TENTORIUM_SLOPE[0] * np.abs(u)).astype(np.float32)
@@ -384,10 +389,9 @@ def render_intracranial(head: HeadParams, fields: NoiseFields, canvas: SliceCanv
     # Interhemispheric fissure with the falx; tentorium over the posterior fossa.
     tentorium = tentorium_height(grid.u, grid.v)
     fissure_zone = ((grid.w > 20.0) | (grid.v < -28.0) | ((grid.v > 32.0) & (grid.w > tentorium))).astype(np.float32)
-    midline = grid.u - 1.2 * np.sin(grid.v / 23.0 + grid.w / 31.0)
+    midline = midline_offset_mm(grid)
     fissure = soft_inside(np.abs(midline) - (0.8 + 2.0 * head.atrophy), px) * fissure_zone * soft_inside(cavity_sdf, px)
     canvas.paint(fissure, hu["csf"], "csf")
-    midline = grid.u - 1.2 * np.sin(grid.v / 23.0 + grid.w / 31.0)
     falx = sheet_fraction(midline, head.falx_thickness_mm, 0.0, px) * fissure_zone * soft_inside(cavity_sdf + 0.5, px)
     falx *= np.clip(0.75 + 0.25 * cells, 0.3, 1.0)
     canvas.paint(falx, hu["falx"], "falx")

@@ -68,11 +68,10 @@ def sample_bleed(rng: np.random.Generator, head: HeadParams, kind: str) -> Bleed
     return bleed
 
 
-def blood_density(bleed: Bleed, cells: np.ndarray) -> np.ndarray | float:
+def blood_density(bleed: Bleed, cells: np.ndarray) -> np.ndarray:
     """HU of `bleed`'s blood at each pixel: uniform, or darker in patches (`cells`: unit smooth noise) if it swirls."""
-    if bleed.swirl_hu <= 0.0:
-        return bleed.blood_hu
-    return np.maximum(bleed.blood_hu - bleed.swirl_hu * np.clip(cells + 0.3, 0.0, 1.0), 50.0).astype(np.float32)
+    darker = bleed.swirl_hu * np.clip(cells + 0.3, 0.0, 1.0)
+    return np.maximum(bleed.blood_hu - darker, 50.0).astype(np.float32)
 
 
 def _sample_bleed_shape(rng: np.random.Generator, head: HeadParams, kind: str) -> Bleed:

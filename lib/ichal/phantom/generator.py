@@ -145,8 +145,7 @@ def render_stack(seed: int, size: int = 512, stack_id: str | None = None) -> Ren
             if edema is not None:
                 canvas.paint(edema, bleed.edema_hu, "edema")
             stronger = fraction > paint
-            density = blood_density(bleed, context.cells)
-            blood_hu[stronger] = density[stronger] if isinstance(density, np.ndarray) else density
+            blood_hu[stronger] = blood_density(bleed, context.cells)[stronger]
             owner[k][stronger] = index + 1
             paint = np.maximum(paint, fraction)
         canvas.paint(paint, blood_hu, "blood")

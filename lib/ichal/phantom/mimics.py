@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ichal.phantom.anatomy import AnatomyContext, HeadParams, SliceCanvas, tentorium_height
+from ichal.phantom.anatomy import AnatomyContext, HeadParams, SliceCanvas, midline_offset_mm, tentorium_height
 from ichal.phantom.geometry import Ellipsoid, SliceGrid, partial_volume_width, soft_inside
 
 DENSE_ARTERY_PROBABILITY = 0.2
@@ -103,7 +103,7 @@ def render_mimics(mimics: Mimics, canvas: SliceCanvas, context: AnatomyContext) 
     tentorium = tentorium_height(grid.u, grid.v)
     # Superior sagittal sinus: triangle under the inner table at the midline, above the tentorium.
     half_base, depth = mimics.sagittal_sinus_mm
-    midline = grid.u - 1.2 * np.sin(grid.v / 23.0 + grid.w / 31.0)
+    midline = midline_offset_mm(grid)
     taper = np.clip(1.0 - vault_depth / depth, 0.0, 1.0)
     sagittal = soft_inside(np.abs(midline) - half_base * taper, px) * (taper > 0) * (grid.w > tentorium + 6.0)
     # Transverse sinuses: round channels along the occipital inner table where the tentorium meets it.
