@@ -455,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished cells")
     parser.add_argument("--report-only", action="store_true", help="rewrite CSV/PNG/table from finished cells")
     parser.add_argument("--iterations", type=int, help="training iterations per member (default: the config's)")
+    parser.add_argument("--rounds", type=int, help="selection rounds after the seed set (default: the config's)")
     parser.add_argument("--seed-fraction", type=float,
                         help="share of the pool labeled at round 0 (default: the config's for the protocol)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -467,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = CONFIGS[args.config]
         if args.iterations is not None:
             config = dataclasses.replace(config, iterations=args.iterations)
+        if args.rounds is not None:
+            config = dataclasses.replace(config, rounds=args.rounds)
         if args.seed_fraction is not None:
             field = "coreset_seed_fraction" if args.protocol == "coreset" else "cost_seed_fraction"
             config = dataclasses.replace(config, **{field: args.seed_fraction})
