@@ -135,22 +135,6 @@ def test_time_model_save_load_round_trip(tmp_path):
     loaded = LabelTimeModel.load(path)
     np.testing.assert_allclose(loaded.predict(features), model.predict(features))
     assert loaded.describe() == model.describe()
-    on_predictions = LabelTimeModel().fit(features, seconds, feature_source="predictions")
-    on_predictions.save(path)
-    assert LabelTimeModel.load(path).describe()["features"] == "predictions"
-
-
-def test_time_model_files_from_before_feature_sources_load_as_fit_on_labels(tmp_path):
-    features, seconds = _synthetic_times(20, **_TRUE, noise=0.3, seed=9)
-    path = tmp_path / "time_model.json"
-    LabelTimeModel().fit(features, seconds).save(path)
-    record = json.loads(path.read_text())
-    del record["features"]
-    path.write_text(json.dumps(record))
-    assert LabelTimeModel.load(path).feature_source_ == "labels"
-    path.write_text(json.dumps(record | {"features": "guesses"}))
-    with pytest.raises(TimeModelError, match="unknown features 'guesses'"):
-        LabelTimeModel.load(path)
 
 
 def test_time_model_load_names_the_broken_file(tmp_path):
@@ -174,5 +158,3 @@ def test_time_model_rejects_bad_input_and_unfitted_use():
         LabelTimeModel().fit(np.ones((12, 2)), np.ones(11))
     with pytest.raises(TimeModelError, match=r"\(n, 2\)"):
         LabelTimeModel().fit(np.ones((12, 3)), np.ones(12))
-    with pytest.raises(TimeModelError, match="feature_source must be one of"):
-        LabelTimeModel().fit(np.ones((12, 2)), np.ones(12), feature_source="masks")

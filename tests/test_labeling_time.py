@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from ichal.checkout import CheckoutRegistry
-from ichal.cost import LabelTimeModel
-from ichal.labeling_time import EventLog, LabelEvent, active_seconds, fit_time_model, measured_times
+from ichal.labeling_time import EventLog, LabelEvent, active_seconds, measured_times
 from ichal.state import JsonStore, StateError
 
 
@@ -43,41 +41,6 @@ def test_a_save_without_a_served_stack_is_not_measured():
 def test_a_second_round_on_the_same_stack_starts_after_the_previous_save():
     events = [LabelEvent(t, "a", "ct_1", k) for t, k in [(0, "served"), (100, "saved"), (500, "served"), (520, "saved")]]
     assert [m.seconds for m in measured_times(events, idle_limit_seconds=300)] == [100.0, 20.0]
-
-
-def _time_records(count: int, prelabeled: int, seed: int = 0) -> list[dict]:
-    """Saved labels with seconds driven by the label's boundary; the first `prelabeled` were scored before
-    labeling, with predicted masks about half the label's boundary (under-segmentation)."""
-    rng = np.random.default_rng(seed)
-    records = []
-    for index in range(count):
-        boundary, components = float(rng.uniform(20, 3000)), float(rng.integers(1, 4))
-        seconds = float(np.exp(0.7 * np.log1p(boundary) + 3.5) * rng.lognormal(0, 0.1))
-        prelabel = {"boundary_mm": boundary * rng.uniform(0.4, 0.6), "n_components": components} \
-            if index < prelabeled else None
-        records.append({"seconds": seconds, "boundary_mm": boundary, "n_components": components, "prelabel": prelabel})
-    return records
-
-
-def test_time_model_is_fit_on_label_features_until_enough_stacks_had_pre_label_predictions():
-    records = _time_records(30, prelabeled=9)
-    model = fit_time_model(records, min_samples=10)
-    assert model.feature_source_ == "labels" and model.n_ == 30
-    direct = LabelTimeModel(min_samples=10).fit([[r["boundary_mm"], r["n_components"]] for r in records],
-                                                [r["seconds"] for r in records])
-    np.testing.assert_allclose(model.predict([[500.0, 1.0]]), direct.predict([[500.0, 1.0]]))
-
-
-def test_time_model_switches_to_pre_label_features_and_corrects_under_segmentation():
-    records = _time_records(30, prelabeled=12)
-    model = fit_time_model(records, min_samples=10)
-    assert model.feature_source_ == "predictions" and model.n_ == 12
-    on_labels = fit_time_model(_time_records(30, prelabeled=0), min_samples=10)
-    # A new stack whose predicted mask is half its true boundary: the label-fit model under-predicts.
-    true_seconds = float(np.exp(0.7 * np.log1p(1000.0) + 3.5))
-    predicted_features = [[500.0, 1.0]]
-    assert abs(np.log(model.predict(predicted_features)[0] / true_seconds)) < 0.15
-    assert np.log(on_labels.predict(predicted_features)[0] / true_seconds) < -0.3
 
 
 def test_event_log_is_durable_and_rejects_unknown_kinds(tmp_path):

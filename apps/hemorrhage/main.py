@@ -20,7 +20,7 @@ from lib.datastore import HemorrhageDatastore
 from lib.errors import client_error
 from lib.infers import EnsembleInfer
 from lib.pacs_datastore import PacsDatastore
-from lib.scoring import SCORE_KEY, CommitteeScoring
+from lib.scoring import CommitteeScoring
 from lib.settings import CONF_KEYS, AppSettings
 from lib.strategies import STRATEGY_DESCRIPTIONS, BudgetedStrategy
 from lib.trainers import EnsembleTrain
@@ -94,6 +94,5 @@ class HemorrhageApp(MONAILabelApp):
 
     def _on_final_label(self, image_id: str, client: str | None, label_path: str) -> None:
         client = client or self.context.checkouts.holder(image_id) or "anonymous"
-        prelabel = self.datastore().get_image_info(image_id).get(SCORE_KEY)
-        self.context.record_saved_label(image_id, client, label_path, prelabel)
+        self.context.record_saved_label(image_id, client, label_path)
         self.context.checkouts.release(image_id)

@@ -20,11 +20,6 @@ from sklearn.exceptions import NotFittedError
 from ichal.io import atomic_write_bytes
 
 _JSON_KEYS = ("a", "b", "c", "d", "n", "r2", "residual_std", "fit_date", "source", "min_samples")
-# What the features a model was fit on describe: the saved labels, or the committee's predictions made
-# before the stack was labeled (the kind of features the model is applied to when selecting).
-FEATURE_SOURCES = ("labels", "predictions")
-# Measured times needed before the fit replaces the prior (the paper fit eq. 2 on 61 stacks).
-DEFAULT_MIN_SAMPLES = 10
 
 
 class TimeModelError(ValueError):
@@ -140,21 +135,17 @@ class LabelTimeModel:
     `fit` estimates it by least squares on measured times; coefficients the times cannot determine
     (e.g. all stacks empty) stay at `prior`. With fewer than `min_samples` times it keeps `prior`
     and reports source "prior". Learned: `coef_` = (a, b, d), `intercept_` = c, `n_`, `r2_` (None
-    when undefined), `residual_std_` (of log t), `fit_date_`, `source_`, `feature_source_` (what the
-    fitted features describe, one of `FEATURE_SOURCES`; recorded, not used in the arithmetic).
+    when undefined), `residual_std_` (of log t), `fit_date_`, `source_`.
     """
 
-    def __init__(self, min_samples: int = DEFAULT_MIN_SAMPLES, prior: TimePrior = DEFAULT_PRIOR) -> None:
+    def __init__(self, min_samples: int = 10, prior: TimePrior = DEFAULT_PRIOR) -> None:
         self.min_samples = min_samples
         self.prior = prior
 
-    def fit(self, features: Sequence[MaskFeatures] | np.ndarray, seconds: np.ndarray,
-            feature_source: str = "labels") -> LabelTimeModel:
+    def fit(self, features: Sequence[MaskFeatures] | np.ndarray, seconds: np.ndarray) -> LabelTimeModel:
         """Fit on `features` (n stacks) and measured labeling `seconds` (n,), all > 0. Returns self."""
         if int(self.min_samples) != self.min_samples or self.min_samples < 5:
             raise TimeModelError(f"min_samples must be an integer >= 5 (four coefficients); got {self.min_samples}")
-        if feature_source not in FEATURE_SOURCES:
-            raise TimeModelError(f"feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
         matrix = _feature_matrix(features)
         times = np.asarray(seconds, dtype=np.float64).ravel()
         if len(times) != len(matrix):
@@ -180,7 +171,6 @@ class LabelTimeModel:
         self.intercept_ = float(coefficients[3])
         self.n_ = int(len(times))
         self.source_ = "measured" if measured else "prior"
-        self.feature_source_ = feature_source
         self.fit_date_ = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return self
 
@@ -202,8 +192,7 @@ class LabelTimeModel:
         return np.exp(self.predict_log(features) + 0.5 * self.residual_std_**2)
 
     def describe(self) -> dict:
-        """What the server shows: coefficients a, b, c, d, n, r2, residual_std (log t), fit date, source,
-        and `features` (what the fitted features describe)."""
+        """What the server shows: coefficients a, b, c, d, n, r2, residual_std (log t), fit date, source."""
         self._check_fitted()
         return {
             "a": float(self.coef_[0]),
@@ -215,7 +204,6 @@ class LabelTimeModel:
             "residual_std": self.residual_std_,
             "fit_date": self.fit_date_,
             "source": self.source_,
-            "features": self.feature_source_,
             "min_samples": int(self.min_samples),
         }
 
@@ -236,10 +224,6 @@ class LabelTimeModel:
             raise TimeModelError(f"labeling-time model {path} lacks {missing}")
         if record["source"] not in ("prior", "measured"):
             raise TimeModelError(f"labeling-time model {path} has unknown source {record['source']!r}")
-        # Files written before `features` existed were fit on saved labels.
-        feature_source = record.get("features", "labels")
-        if feature_source not in FEATURE_SOURCES:
-            raise TimeModelError(f"labeling-time model {path} has unknown features {feature_source!r}")
         numbers = [record[key] for key in ("a", "b", "c", "d", "residual_std")]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers) or record["residual_std"] < 0:
             raise TimeModelError(f"labeling-time model {path} has non-numeric or invalid coefficients")
@@ -251,5 +235,4 @@ class LabelTimeModel:
         model.residual_std_ = float(record["residual_std"])
         model.fit_date_ = str(record["fit_date"])
         model.source_ = record["source"]
-        model.feature_source_ = feature_source
         return model

@@ -29,10 +29,9 @@ import torch
 from tqdm import tqdm
 
 from ichal.config import DEFAULT_CONFIG
-from ichal.cost import DEFAULT_MIN_SAMPLES, MaskFeatures, mask_features
+from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
 from ichal.ensemble import EnsembleModel, load_ensemble, predict_stack, save_ensemble
 from ichal.io import atomic_write_bytes
-from ichal.labeling_time import fit_time_model
 from ichal.metrics import DetectionEvaluator, stack_scores
 from ichal.phantom import PhantomStack, generate_pool
 from ichal.selection import Selection, acft_select, knapsack_select, random_select, uncertainty_select
@@ -143,12 +142,6 @@ class Data:
         """Summed simulated annotator seconds of the pool stacks `ids`."""
         by_id = {stack.id: stack for stack in self.pool}
         return math.fsum(float(by_id[i].meta["simulated_seconds"]) for i in ids)
-
-
-def _time_record(label_features: MaskFeatures, seconds: float, prelabel: Sequence[float] | None) -> dict:
-    """A measured labeling time as the app records it (`ichal.labeling_time.fit_time_model`)."""
-    return {"seconds": seconds, "boundary_mm": label_features.boundary_mm, "n_components": label_features.n_components,
-            "prelabel": None if prelabel is None else {"boundary_mm": prelabel[0], "n_components": prelabel[1]}}
 
 
 def make_data(config: ExperimentConfig, progress: bool = True) -> Data:
@@ -324,12 +317,8 @@ class _Run:
             return record
         labeled = set(previous["labeled_ids"])
         unlabeled = [stack for stack in self.data.pool if stack.id not in labeled]
-        # Committee features of each stack from the round it was picked (before its label was revealed):
-        # the time model is fit on them once enough exist, as the app does (`fit_time_model`).
-        prelabel = previous.get("prelabel_features", {})
-        time_model = fit_time_model([_time_record(self.data.true_features[i], self.data.true_seconds([i]),
-                                                  prelabel.get(i)) for i in previous["labeled_ids"]],
-                                    min_samples=DEFAULT_MIN_SAMPLES)
+        time_model = LabelTimeModel().fit([self.data.true_features[i] for i in previous["labeled_ids"]],
+                                          [self.data.true_seconds([i]) for i in previous["labeled_ids"]])
         scores_by_id = self._scores(previous_model, unlabeled)
         scores = [scores_by_id[stack.id] for stack in unlabeled]
         predicted = time_model.predict([s.features for s in scores])
@@ -355,10 +344,7 @@ class _Run:
             "picked_positive": sum(bool(unlabeled[i].label.any()) for i in selection.indices),
             "time_model": {"a": float(time_model.coef_[0]), "b": float(time_model.coef_[1]),
                            "c": time_model.intercept_, "n": time_model.n_, "source": time_model.source_,
-                           "features": time_model.feature_source_, "r2": time_model.r2_},
-            "prelabel_features": prelabel | {stack_id: [scores_by_id[stack_id].features.boundary_mm,
-                                                        scores_by_id[stack_id].features.n_components]
-                                             for stack_id in picked},
+                           "r2": time_model.r2_},
         }
         return self._train_and_finish(seed, method, round_index, sorted(labeled | set(picked)), **batch)
 

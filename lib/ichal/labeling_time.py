@@ -12,9 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-import numpy as np
-
-from ichal.cost import LabelTimeModel, MaskFeatures
 from ichal.state import JsonStore
 
 EventKind = Literal["served", "fetched", "infer", "saved"]
@@ -70,27 +67,6 @@ def measured_times(events: Sequence[LabelEvent], idle_limit_seconds: float) -> l
         elif event.kind in ("served", "fetched") or key in sessions:
             sessions.setdefault(key, []).append(event.ts)
     return results
-
-
-def fit_time_model(records: Sequence[dict], min_samples: int) -> LabelTimeModel:
-    """Fit the labeling-time model on measured label times, on the features it will be applied to.
-
-    Each record has `seconds`, the saved label's `boundary_mm` and `n_components`, and, when the
-    committee scored the stack before it was labeled, `prelabel` = {`boundary_mm`, `n_components`}.
-    Selection predicts times from the committee's predicted masks, which under-segment; a model fit on
-    label features then under-predicts (docs/selection.md measures by how much). So once at least
-    `min_samples` records have pre-label features the model is fit on those records' pre-label features
-    (`feature_source_` "predictions"); until then on all records' label features ("labels").
-    """
-    prelabeled = [r for r in records if r.get("prelabel")]
-    if len(prelabeled) >= min_samples:
-        used, source = prelabeled, "predictions"
-        features = [MaskFeatures(r["prelabel"]["boundary_mm"], r["prelabel"]["n_components"]) for r in used]
-    else:
-        used, source = list(records), "labels"
-        features = [MaskFeatures(r["boundary_mm"], r["n_components"]) for r in used]
-    seconds = np.array([r["seconds"] for r in used], dtype=np.float64)
-    return LabelTimeModel(min_samples=min_samples).fit(features, seconds, feature_source=source)
 
 
 class EventLog:

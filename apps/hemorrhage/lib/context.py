@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ichal.checkout import CheckoutRegistry
-from ichal.cost import LabelTimeModel, mask_features
+from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
 from ichal.io import read_nifti
-from ichal.labeling_time import EventLog, fit_time_model, measured_times
+from ichal.labeling_time import EventLog, measured_times
 from ichal.state import JsonStore
 
 from .settings import AppSettings
@@ -55,12 +55,8 @@ class AppContext:
             return LabelTimeModel.load(self.settings.time_model_path)
         return LabelTimeModel(min_samples=self.settings.min_time_samples).fit(np.zeros((0, 2)), np.zeros(0))
 
-    def record_saved_label(self, image_id: str, client: str, label_path: str, prelabel: dict | None) -> dict | None:
-        """Log the save, turn the client's session into measured seconds, refit the time model.
-
-        `prelabel`: the committee's stored score of the stack from before it was labeled (None when no
-        model scored it); its predicted features are kept with the time (see `fit_time_model`).
-        """
+    def record_saved_label(self, image_id: str, client: str, label_path: str) -> dict | None:
+        """Log the save, turn the client's session into measured seconds, refit the time model."""
         self.events.record(client, image_id, "saved")
         sessions = [m for m in measured_times(self.events.events(), self.settings.idle_limit_seconds)]
         latest = next((m for m in reversed(sessions) if m.image == image_id and m.client == client), None)
@@ -75,19 +71,16 @@ class AppContext:
             "saved": latest.saved,
             "boundary_mm": features.boundary_mm,
             "n_components": features.n_components,
-            "prelabel": None if prelabel is None else {
-                "boundary_mm": float(prelabel["boundary_mm"]),
-                "n_components": float(prelabel["n_components"]),
-                "model_version": prelabel["model_version"],
-            },
         }
 
         def append(records: list) -> None:
             records.append(record)
 
         records = self.label_times.update(append)
-        model = fit_time_model(records, self.settings.min_time_samples)
+        model = LabelTimeModel(min_samples=self.settings.min_time_samples).fit(
+            [MaskFeatures(r["boundary_mm"], r["n_components"]) for r in records],
+            np.array([r["seconds"] for r in records]),
+        )
         model.save(self.settings.time_model_path)
-        logger.info(f"labeling time recorded: {latest.seconds:.0f} s; time model n={model.n_} source={model.source_} "
-                    f"features={model.feature_source_}")
+        logger.info(f"labeling time recorded: {latest.seconds:.0f} s; time model n={model.n_} source={model.source_}")
         return record
