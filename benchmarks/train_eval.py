@@ -6,6 +6,10 @@ Kuo et al. 2018, section 5 (pixel/region/frame/stack AP); issue 3's check: 60 vs
 the model overfits (more data should help), equal figures mean the model itself is the limit.
 
     python benchmarks/train_eval.py --size 128 --train-counts 60 200 --test-count 40 --iterations 1500
+
+`--evaluate CKPT...` trains nothing: it scores saved checkpoints (`--checkpoints` of an earlier run) on stacks
+`--eval-start` to `--eval-start + --test-count` of generator seed `--seed`, e.g. other test stacks or the
+training stacks only one of the checkpoints saw.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ichal.ensemble import predict_stack, save_ensemble
+from ichal.ensemble import load_ensemble, predict_stack, save_ensemble
 from ichal.metrics import DetectionEvaluator
 from ichal.phantom import generate_pool
 from ichal.train import TrainItem, TrainSettings, train_ensemble
@@ -100,8 +104,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--checkpoints", type=Path, help="folder to save each trained ensemble")
+    parser.add_argument("--evaluate", type=Path, nargs="+", metavar="CKPT", help="only evaluate these checkpoints")
+    parser.add_argument("--eval-start", type=int, default=0, help="with --evaluate: first stack index of the pool")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.evaluate:
+        items = _items(args.eval_start + args.test_count, args.size, args.seed, "generating stacks")[args.eval_start:]
+        for path in args.evaluate:
+            metrics, _ = _evaluate(load_ensemble(path), items, f"evaluating {path.name}")
+            print(json.dumps({"checkpoint": str(path), "seed": args.seed, "stack_range": [args.eval_start, args.eval_start + len(items)]}
+                             | metrics), flush=True)
+        return
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, iterations=args.iterations,
                              batch_size=args.batch_size, seed=args.seed if args.train_seed is None else args.train_seed)
     rows = run(sorted(args.train_counts), args.test_count, args.size, settings, args.seed, args.checkpoints, args.eval_train)
