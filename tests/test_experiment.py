@@ -138,3 +138,10 @@ def test_cli_rejects_unknown_protocol_and_bad_seeds(tmp_path):
         main(["both", "--out", str(tmp_path)])
     with pytest.raises(ExperimentError, match="seeds"):
         run_protocol("cost", MINI, tmp_path, [1, 1], progress=False)
+
+
+def test_cli_rejects_a_round_count_below_one(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["cost", "--out", str(tmp_path), "--rounds", "0", "--seeds", "0"])
+    assert "rounds must be at least 1, got 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a rejected run wrote into its folder"
