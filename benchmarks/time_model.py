@@ -121,8 +121,10 @@ def main() -> None:
                       args.budget_fraction, args.draws)
     if predicted is None:
         return
+    bleed = features[test][:, 1] > 0
+    boundary_ratio = np.median(predicted[test][bleed, 0] / features[test][bleed, 0])
     print(f"\nPREDICTED features of the test stacks ({args.model}); median boundary predicted / true on "
-          f"stacks with a bleed: {np.median(predicted[test][features[test][:, 1] > 0, 0] / features[test][features[test][:, 1] > 0, 0]):.2f}")
+          f"stacks with a bleed: {boundary_ratio:.2f}")
     on_predictions = LabelTimeModel().fit(predicted[train], seconds[train])
     print_fit_table({"fit on labels": (on_labels, predicted[test]),
                      "fit on pre-label predictions": (on_predictions, predicted[test])}, seconds[test])
