@@ -30,9 +30,9 @@ from ichal.train import TrainItem, TrainSettings, train_ensemble
 TEST_POOL_SEED_OFFSET = 1000  # test stacks come from generator seed `seed + 1000`: disjoint from training
 
 
-def _items(count: int, size: int, seed: int, desc: str) -> list[TrainItem]:
+def _items(count: int, size: int, seed: int, desc: str, start: int = 0) -> list[TrainItem]:
     return [TrainItem(s.id, s.image_hu, s.label, s.spacing_mm)
-            for s in tqdm(generate_pool(count, size, seed), total=count, desc=desc, unit="stack")]
+            for s in tqdm(generate_pool(count, size, seed, start), total=count, desc=desc, unit="stack")]
 
 
 def _evaluate(model, items: list[TrainItem], desc: str) -> tuple[dict, float]:
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.evaluate:
-        items = _items(args.eval_start + args.test_count, args.size, args.seed, "generating stacks")[args.eval_start:]
+        items = _items(args.test_count, args.size, args.seed, "generating stacks", start=args.eval_start)
         for path in args.evaluate:
             metrics, _ = _evaluate(load_ensemble(path), items, f"evaluating {path.name}")
             print(json.dumps({"checkpoint": str(path), "seed": args.seed, "stack_range": [args.eval_start, args.eval_start + len(items)]}

@@ -204,6 +204,16 @@ def test_bad_seed_and_count_are_rejected():
         generate_stack(-1, 32)
     with pytest.raises(PhantomError, match="count"):
         next(generate_pool(0, 32))
+    with pytest.raises(PhantomError, match="start must be a non-negative integer"):
+        next(generate_pool(2, 32, start=-1))
+
+
+def test_a_pool_started_later_gives_the_same_stacks_and_ids(tiny_pool):
+    later = list(generate_pool(3, TINY, seed=0, start=37))
+    assert [s.id for s in later] == ["ct_0037", "ct_0038", "ct_0039"]
+    for stack, same in zip(later, tiny_pool[37:]):
+        np.testing.assert_array_equal(stack.image_hu, same.image_hu)
+        np.testing.assert_array_equal(stack.label, same.label)
 
 
 def test_write_pool_layout_labels_a_mix_and_round_trips(tmp_path):

@@ -218,10 +218,15 @@ def generate_stack(seed: int, size: int = 512, stack_id: str | None = None) -> P
     return render_stack(seed, size, stack_id).stack
 
 
-def generate_pool(count: int, size: int = 512, seed: int = 0) -> Iterator[PhantomStack]:
-    """Yield `count` stacks with ids ct_0000, ct_0001, ...; stack i uses `stack_seed(seed, i)`."""
+def generate_pool(count: int, size: int = 512, seed: int = 0, start: int = 0) -> Iterator[PhantomStack]:
+    """Yield `count` stacks with ids ct_0000, ct_0001, ...; stack i uses `stack_seed(seed, i)`.
+
+    `start` skips the first stacks without generating them: stacks `start` .. `start + count - 1`.
+    """
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise PhantomError(f"count must be a positive integer, got {count!r}")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise PhantomError(f"start must be a non-negative integer, got {start!r}")
     check_size(size)
-    for index in range(int(count)):
+    for index in range(int(start), int(start) + int(count)):
         yield generate_stack(stack_seed(seed, index), size, stack_id=f"ct_{index:04d}")
