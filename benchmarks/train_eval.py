@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lookalike-fraction", type=float, default=TrainSettings.lookalike_fraction,
+                        help="share of negative patches centred on blood-density look-alikes (0: anywhere in the head)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed of the training pool (test pool: seed + 1000)")
     parser.add_argument("--train-seed", type=int, help="seed of the ensemble's training (default: --seed)")
     parser.add_argument("--eval-train", type=int, default=0, metavar="N", help="also evaluate on the first N training stacks")
@@ -116,7 +118,8 @@ def main() -> None:
                              | metrics), flush=True)
         return
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, iterations=args.iterations,
-                             batch_size=args.batch_size, seed=args.seed if args.train_seed is None else args.train_seed)
+                             batch_size=args.batch_size, lookalike_fraction=args.lookalike_fraction,
+                             seed=args.seed if args.train_seed is None else args.train_seed)
     rows = run(sorted(args.train_counts), args.test_count, args.size, settings, args.seed, args.checkpoints, args.eval_train)
     print(markdown_table(rows))
     if args.json:

@@ -8,7 +8,16 @@ from ichal.ensemble import load_ensemble, save_ensemble
 from ichal.infer import main as infer_main
 from ichal.io import VolumeError, read_nifti, write_nifti
 from ichal.models import ModelPreset, Stage
-from ichal.train import TrainingCancelled, TrainItem, TrainSettings, train_ensemble
+from ichal.train import (
+    TrainingCancelled,
+    TrainItem,
+    TrainSettings,
+    _patch_kind,
+    _prepare,
+    _sample_patch_center,
+    lookalike_voxels,
+    train_ensemble,
+)
 from ichal.train import main as train_main
 
 TINY = ModelPreset("tiny", 4, 3, (Stage(8, 1, stride=2), Stage(8, 1, dilation=2), Stage(8, 1, residual=False)))
@@ -94,6 +103,47 @@ def test_should_stop_cancels_and_leaves_the_previous_model_untouched():
         train_ensemble(items + [_stack(5)], _settings(), mode="continual", previous=previous,
                        should_stop=stop_on_third_call)
     assert torch.equal(_flat_weights(previous.members[0]), before)
+
+
+def _square(plane: np.ndarray, y: int, x: int, value: float, half: int = 2) -> None:
+    plane[y - half : y + half + 1, x - half : x + half + 1] = value
+
+
+def test_lookalike_voxels_are_unlabeled_intracranial_blood_density_only():
+    size = 48
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - size / 2, xx - size / 2)
+    image = np.full((2, size, size), 30.0)  # 30 HU "scalp" outside the skull too
+    image[:, (radius >= 0.4 * size) & (radius < 0.45 * size)] = 1000.0
+    image[1, : size // 2, size // 2 - 1 : size // 2 + 2] = 30.0  # slice 1: the skull is open at the top
+    label = np.zeros(image.shape, dtype=np.uint8)
+    for z in (0, 1):
+        _square(image[z], 16, 16, 70.0)  # unlabeled look-alike inside the skull
+        _square(image[z], 32, 32, 70.0)  # a labeled bleed
+        _square(image[z], 3, 3, 70.0)  # blood density in the scalp
+    label[:, 30:35, 30:35] = 1
+    found = np.zeros(image.shape, dtype=bool).ravel()
+    found[lookalike_voxels(image.astype(np.int16), label)] = True
+    expected = np.zeros(image.shape, dtype=bool)
+    expected[0, 14:19, 14:19] = True
+    expected[0, [14, 14, 18, 18], [14, 18, 14, 18]] = False  # corners: the 3 x 3 mean is 48 HU, below blood
+    assert np.array_equal(found.reshape(image.shape), expected)
+
+
+def test_lookalike_fraction_centres_negative_patches_on_lookalikes():
+    item = _stack(0, bleed=False)
+    _square(item.image_hu[1], 14, 14, 70)
+    stacks = [_prepare(item, 1.8)]
+    assert stacks[0].lookalikes.size > 0
+    rng = np.random.default_rng(0)
+    assert {_patch_kind([], [0], _settings(lookalike_fraction=1.0), rng) for _ in range(20)} == {"lookalike"}
+    assert {_patch_kind([], [0], _settings(lookalike_fraction=0.0), rng) for _ in range(20)} == {"head"}
+    assert {_patch_kind([], [], _settings(lookalike_fraction=1.0), rng) for _ in range(20)} == {"head"}
+    for _ in range(20):
+        _, z, y, x = _sample_patch_center(stacks, [], [0], "lookalike", 40, rng)
+        assert z == 1 and abs(y - 14) <= 2 + 10 and abs(x - 14) <= 2 + 10
+    with pytest.raises(ValueError, match="lookalike_fraction must be in"):
+        train_ensemble([item], _settings(lookalike_fraction=1.5))
 
 
 def test_bad_training_input_is_rejected_with_a_clear_error():

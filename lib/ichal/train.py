@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, FocalLoss
+from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
@@ -46,6 +47,13 @@ LOSSES = ("dice_ce", "focal")
 BODY_MIN_HU = -300.0
 BODY_SAMPLE_TRIES = 10
 AIR_HU = -1000.0
+# Look-alike negatives: unlabeled intracranial voxels of acute-blood density (3x3 mean, HU), away from the
+# skull (bone above SKULL_MIN_HU, grown 1 px) and at least LABEL_MARGIN_PX from a label. Uniform draws over
+# the head rarely hit dense sinuses, arteries or calcifications, which are where the models' false
+# positives on empty stacks sit (docs/model.md, "Look-alike negatives").
+LOOKALIKE_HU = (50.0, 100.0)
+SKULL_MIN_HU = 300.0
+LABEL_MARGIN_PX = 2
 
 
 class TrainingCancelled(RuntimeError):
@@ -70,6 +78,10 @@ class TrainSettings:
     `lr * continual_lr_factor` on new stacks plus stacks it gets wrong: a stack is wrong when the
     member's stack-level call (any voxel >= detection threshold) is wrong or, for a bleed stack, its
     Dice is below `hard_dice_threshold`.
+
+    A patch is centred on a bleed voxel with probability `positive_fraction`; a negative patch is centred
+    on a blood-density look-alike voxel (`lookalike_voxels`) with probability `lookalike_fraction`, else
+    anywhere in the head.
     """
 
     preset: str | ModelPreset = "cpu_small"
@@ -80,6 +92,7 @@ class TrainSettings:
     weight_decay: float = 1e-4
     loss: str = "dice_ce"
     positive_fraction: float = 0.5
+    lookalike_fraction: float = 0.5
     seed: int = 0
     device: str = "cpu"
     spacing_mm: float | None = None
@@ -99,8 +112,9 @@ class TrainSettings:
         for name in ("ensemble_size", "iterations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.positive_fraction <= 1.0:
-            raise ValueError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        for name in ("positive_fraction", "lookalike_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.spacing_mm is not None and not self.spacing_mm > 0:
@@ -115,6 +129,24 @@ class _Stack:
     image_hu: np.ndarray
     label: np.ndarray
     positives: np.ndarray  # flat indices of label voxels
+    lookalikes: np.ndarray  # flat indices of look-alike voxels (`lookalike_voxels`)
+
+
+def lookalike_voxels(image_hu: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Flat indices of unlabeled intracranial voxels of blood density in a (Z, Y, X) stack.
+
+    Intracranial = the holes of each slice's skull (HU > `SKULL_MIN_HU`, grown 1 px), so slices with an open
+    skull (skull base, vertex) contribute none. Blood density = the 3 x 3 in-plane mean in `LOOKALIKE_HU`,
+    so single noisy voxels do not count. Voxels within `LABEL_MARGIN_PX` of a label (its partial-volume rim)
+    are left to the positive patches.
+    """
+    in_plane = np.ones((1, 3, 3), dtype=bool)
+    skull = ndimage.binary_dilation(image_hu > SKULL_MIN_HU, structure=in_plane)
+    intracranial = np.stack([ndimage.binary_fill_holes(plane) for plane in skull]) & ~skull
+    mean_hu = ndimage.uniform_filter(image_hu.astype(np.float32), size=(1, 3, 3))
+    near_label = ndimage.binary_dilation(label > 0, structure=in_plane, iterations=LABEL_MARGIN_PX)
+    low, high = LOOKALIKE_HU
+    return np.flatnonzero(intracranial & (mean_hu >= low) & (mean_hu <= high) & ~near_label)
 
 
 def software_versions() -> dict[str, str]:
@@ -144,12 +176,9 @@ def _prepare(item: TrainItem, model_spacing_mm: float) -> _Stack:
     image = resample_slices(torch.from_numpy(np.asarray(item.image_hu, dtype=np.float32)), grid)
     label = resample_slices(torch.from_numpy(np.asarray(item.label, dtype=np.float32)), grid) >= 0.5
     label_np = label.numpy().astype(np.uint8)
-    return _Stack(
-        id=item.id,
-        image_hu=image.round().clamp(-32768, 32767).numpy().astype(np.int16),
-        label=label_np,
-        positives=np.flatnonzero(label_np),
-    )
+    image_np = image.round().clamp(-32768, 32767).numpy().astype(np.int16)
+    return _Stack(id=item.id, image_hu=image_np, label=label_np, positives=np.flatnonzero(label_np),
+                  lookalikes=lookalike_voxels(image_np, label_np))
 
 
 def _crop(plane: np.ndarray, center_y: int, center_x: int, size: int, fill: float) -> np.ndarray:
@@ -163,12 +192,15 @@ def _crop(plane: np.ndarray, center_y: int, center_x: int, size: int, fill: floa
     return out
 
 
-def _sample_patch_center(stacks: Sequence[_Stack], positive_ids: Sequence[int], positive: bool,
-                         patch_px: int, rng: np.random.Generator) -> tuple[_Stack, int, int, int]:
-    """A (stack, z, y, x) patch centre: on a random bleed voxel (shifted up to patch/4) or in the head."""
-    if positive:
-        stack = stacks[positive_ids[rng.integers(len(positive_ids))]]
-        z, y, x = np.unravel_index(stack.positives[rng.integers(stack.positives.size)], stack.label.shape)
+def _sample_patch_center(stacks: Sequence[_Stack], positive_ids: Sequence[int], lookalike_ids: Sequence[int],
+                         kind: str, patch_px: int, rng: np.random.Generator) -> tuple[_Stack, int, int, int]:
+    """A (stack, z, y, x) patch centre of `kind`: "positive" on a random bleed voxel, "lookalike" on a
+    random look-alike voxel (both shifted up to patch/4), "head" anywhere in the head."""
+    if kind in ("positive", "lookalike"):
+        stack_ids, attribute = (positive_ids, "positives") if kind == "positive" else (lookalike_ids, "lookalikes")
+        stack = stacks[stack_ids[rng.integers(len(stack_ids))]]
+        voxels = getattr(stack, attribute)
+        z, y, x = np.unravel_index(voxels[rng.integers(voxels.size)], stack.label.shape)
         shift = patch_px // 4
         return stack, int(z), int(y + rng.integers(-shift, shift + 1)), int(x + rng.integers(-shift, shift + 1))
     stack = stacks[rng.integers(len(stacks))]
@@ -180,16 +212,27 @@ def _sample_patch_center(stacks: Sequence[_Stack], positive_ids: Sequence[int], 
     return stack, z, y, x
 
 
-def _sample_batch(stacks: Sequence[_Stack], positive_ids: Sequence[int], settings: TrainSettings, patch_px: int,
-                  windows: Sequence[HUWindow], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _patch_kind(positive_ids: Sequence[int], lookalike_ids: Sequence[int], settings: TrainSettings,
+                rng: np.random.Generator) -> str:
+    """Draw what the next patch is centred on; kinds without any voxel in the training set are skipped."""
+    if positive_ids and rng.random() < settings.positive_fraction:
+        return "positive"
+    if lookalike_ids and rng.random() < settings.lookalike_fraction:
+        return "lookalike"
+    return "head"
+
+
+def _sample_batch(stacks: Sequence[_Stack], positive_ids: Sequence[int], lookalike_ids: Sequence[int],
+                  settings: TrainSettings, patch_px: int, windows: Sequence[HUWindow],
+                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch: (B, C, P, P) windowed patches and (B, 1, P, P) float labels, augmented.
 
     Augmentation: left-right flip, rotation up to `max_rotation_deg`, HU scale/shift jitter.
     """
     images, labels = [], []
     for _ in range(settings.batch_size):
-        positive = bool(positive_ids) and rng.random() < settings.positive_fraction
-        stack, z, y, x = _sample_patch_center(stacks, positive_ids, positive, patch_px, rng)
+        kind = _patch_kind(positive_ids, lookalike_ids, settings, rng)
+        stack, z, y, x = _sample_patch_center(stacks, positive_ids, lookalike_ids, kind, patch_px, rng)
         images.append(_crop(stack.image_hu[z], y, x, patch_px, AIR_HU))
         labels.append(_crop(stack.label[z], y, x, patch_px, 0.0))
     batch = settings.batch_size
@@ -222,6 +265,7 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     positive_ids = [i for i, stack in enumerate(stacks) if stack.positives.size]
+    lookalike_ids = [i for i, stack in enumerate(stacks) if stack.lookalikes.size]
     member.to(settings.device).train()
     optimizer = torch.optim.AdamW(member.parameters(), lr=lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
@@ -230,7 +274,7 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
     for iteration in range(1, iterations + 1):
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"training cancelled at member {member_index}, iteration {iteration}")
-        image, label = _sample_batch(stacks, positive_ids, settings, patch_px, windows, rng)
+        image, label = _sample_batch(stacks, positive_ids, lookalike_ids, settings, patch_px, windows, rng)
         loss = loss_function(member(image.to(settings.device)), label.to(settings.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -365,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=TrainSettings.iterations)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--lookalike-fraction", type=float, default=TrainSettings.lookalike_fraction,
+                        help="share of negative patches centred on blood-density look-alikes")
     parser.add_argument("--loss", choices=LOSSES, default="dice_ce")
     parser.add_argument("--mode", choices=MODES, default="retrain")
     parser.add_argument("--previous", type=Path, help="checkpoint to fine-tune (continual mode)")
@@ -374,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "continual" and args.previous is None:
         parser.error("--mode continual needs --previous")
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, iterations=args.iterations,
-                             batch_size=args.batch_size, lr=args.lr, loss=args.loss, seed=args.seed, device=args.device)
+                             batch_size=args.batch_size, lr=args.lr, loss=args.loss,
+                             lookalike_fraction=args.lookalike_fraction, seed=args.seed, device=args.device)
     previous = load_ensemble(args.previous) if args.previous else None
     items = load_pool_items(args.pool)
     members = len(previous.members) if previous else args.members
