@@ -11,6 +11,7 @@ from ichal.metrics import (
     dice,
     frame_ap,
     frame_scores,
+    paired_bootstrap,
     pixel_ap,
     region_ap,
     region_hits,
@@ -137,3 +138,46 @@ def test_evaluator_agrees_with_the_standalone_metrics():
     pooled = dice(np.concatenate([p.ravel() >= 0.5 for p in probs]), np.concatenate([l.ravel() for l in labels]))
     assert result["dice"] == pytest.approx(pooled)
     assert result["stacks"] == 6
+
+
+def _evaluate(probs, labels) -> DetectionEvaluator:
+    evaluator = DetectionEvaluator(threshold=0.5)
+    for p, l in zip(probs, labels):
+        evaluator.update(p, l)
+    return evaluator
+
+
+def _noisy_stacks(signal: float, noise: float, seed: int, count: int = 30):
+    """Stacks where every other one has a bleed; probabilities = `signal` x label + `noise` x uniform."""
+    rng = np.random.default_rng(seed)
+    labels = [np.zeros((2, 8, 8), dtype=np.uint8) for _ in range(count)]
+    for index, label in enumerate(labels[::2]):
+        label[index % 2, 2:5, 2:5] = 1
+    probs = [np.clip(signal * l + noise * rng.random(l.shape), 0, 1).astype(np.float32) for l in labels]
+    return probs, labels
+
+
+def test_paired_bootstrap_finds_a_better_model_and_no_difference_against_itself():
+    good, labels = _noisy_stacks(0.6, 0.4, seed=0)
+    poor, _ = _noisy_stacks(0.05, 0.95, seed=1)
+    better = paired_bootstrap(_evaluate(poor, labels), _evaluate(good, labels), resamples=300)
+    assert [d.metric for d in better] == ["pixel_ap", "stack_ap", "dice"]
+    observed = {d.metric: d for d in better}
+    assert observed["stack_ap"].second == pytest.approx(stack_ap(good, labels))
+    assert observed["stack_ap"].first == pytest.approx(stack_ap(poor, labels))
+    assert observed["dice"].second == pytest.approx(_evaluate(good, labels).result()["dice"])
+    assert observed["pixel_ap"].second == pytest.approx(pixel_ap(good, labels).ap, abs=5e-3)  # logit bins
+    for difference in better:
+        assert difference.difference > 0 and 0 < difference.low <= difference.difference <= difference.high
+    same = paired_bootstrap(_evaluate(good, labels), _evaluate(good, labels), resamples=50)
+    assert all(d.difference == d.low == d.high == 0 for d in same)
+
+
+def test_paired_bootstrap_rejects_different_stacks_and_bad_settings():
+    probs, labels = _noisy_stacks(0.6, 0.4, seed=0)
+    with pytest.raises(ValueError, match="same, non-empty list of stacks"):
+        paired_bootstrap(_evaluate(probs, labels), _evaluate(probs[1:], labels[1:]))
+    with pytest.raises(ValueError, match="same, non-empty list of stacks"):
+        paired_bootstrap(DetectionEvaluator(), DetectionEvaluator())
+    with pytest.raises(ValueError, match="confidence"):
+        paired_bootstrap(_evaluate(probs, labels), _evaluate(probs, labels), confidence=1.0)

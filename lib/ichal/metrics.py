@@ -19,6 +19,9 @@ from ichal.config import DEFAULT_CONFIG
 # 26-connectivity in (Z, Y, X): a region continues to the next 5 mm slice through any touching voxel.
 CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)
 DEFAULT_PIXEL_AP_BINS = 2**16
+# Per-stack pixel histograms kept for the paired bootstrap: 4096 bins equally wide in logit between -20 and
+# 20, because trained models put most voxels within 1e-3 of 0 or 1, where equal-width bins cannot separate them.
+BOOTSTRAP_BIN_EDGES = 1.0 / (1.0 + np.exp(-np.linspace(-20.0, 20.0, 4097)[1:-1]))
 
 
 def _check_pair(prob: np.ndarray, label: np.ndarray) -> None:
@@ -125,6 +128,33 @@ def stack_ap(mean_probs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> 
     return _ap(np.array([l.any() for l in labels]), np.array([stack_scores(p) for p in mean_probs]))
 
 
+def binned_average_precision(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """AP of scores given as per-bin positive/negative counts (ascending score bins), each bin a tie
+    (scikit-learn's convention for tied scores); nan without positives."""
+    pos = np.asarray(positives, dtype=np.float64)[::-1]
+    neg = np.asarray(negatives, dtype=np.float64)[::-1]
+    total = pos.sum()
+    if total == 0:
+        return float("nan")
+    tp, seen = np.cumsum(pos), np.cumsum(pos + neg)
+    return float(np.sum(pos[pos > 0] * tp[pos > 0] / seen[pos > 0]) / total)
+
+
+def _histograms(prob: np.ndarray, label: np.ndarray, n_bins: int, edges: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin counts of positive and negative voxels: `n_bins` equal-width probability bins, or the
+    len(edges) + 1 bins between ascending interior `edges`."""
+    flat = np.asarray(prob, dtype=np.float64).ravel()
+    if flat.size and (not np.isfinite(flat).all() or flat.min() < 0.0 or flat.max() > 1.0):
+        raise ValueError("pixel AP needs probabilities in [0, 1]")
+    if edges is None:
+        bins = np.minimum((flat * n_bins).astype(np.int64), n_bins - 1)
+    else:
+        n_bins, bins = edges.size + 1, np.searchsorted(edges, flat, side="right")
+    truth = np.asarray(label).ravel().astype(bool)
+    return np.bincount(bins[truth], minlength=n_bins), np.bincount(bins[~truth], minlength=n_bins)
+
+
 @dataclass(frozen=True)
 class BinnedAP:
     """Pixel AP from binned scores: `ap` treats each bin as tied scores (scikit-learn's convention);
@@ -153,13 +183,9 @@ class PixelAPAccumulator:
     def update(self, prob: np.ndarray, label: np.ndarray) -> None:
         """Add voxels: `prob` in [0, 1] and binary `label` of the same shape."""
         _check_pair(prob, label)
-        flat = np.asarray(prob, dtype=np.float64).ravel()
-        if flat.size and (not np.isfinite(flat).all() or flat.min() < 0.0 or flat.max() > 1.0):
-            raise ValueError("pixel AP needs probabilities in [0, 1]")
-        bins = np.minimum((flat * self.n_bins).astype(np.int64), self.n_bins - 1)
-        truth = np.asarray(label).ravel().astype(bool)
-        self.positives += np.bincount(bins[truth], minlength=self.n_bins)
-        self.negatives += np.bincount(bins[~truth], minlength=self.n_bins)
+        positives, negatives = _histograms(prob, label, self.n_bins)
+        self.positives += positives
+        self.negatives += negatives
 
     def result(self) -> BinnedAP:
         """AP and its binning bounds; nan for all three when no positive voxel was seen."""
@@ -170,7 +196,7 @@ class PixelAPAccumulator:
         pos = self.positives[keep][::-1].astype(np.float64)  # descending score
         neg = self.negatives[keep][::-1].astype(np.float64)
         tp, fp = np.cumsum(pos), np.cumsum(neg)
-        tied = float(np.sum(pos * tp / (tp + fp))) / total_positives
+        tied = binned_average_precision(self.positives, self.negatives)
         tp_before, seen_before = tp - pos, tp + fp - pos - neg
 
         def precision_sum(offset: np.ndarray) -> np.ndarray:
@@ -196,7 +222,8 @@ class DetectionEvaluator:
 
     `update(mean_prob, label)` keeps only per-stack summaries (pixel histogram, region hits, frame
     and stack scores, Dice counts); `result()` returns pixel/region/frame/stack AP, pooled Dice
-    (all voxels of all stacks) and mean Dice over stacks with a bleed.
+    (all voxels of all stacks) and mean Dice over stacks with a bleed. Each stack's coarse pixel
+    histogram (logit bins) and Dice counts are kept too (64 KiB per stack) for `paired_bootstrap`.
     """
 
     def __init__(self, threshold: float = DEFAULT_CONFIG.detection_threshold,
@@ -213,6 +240,8 @@ class DetectionEvaluator:
         self.intersection = 0
         self.mask_sum = 0
         self.positive_stack_dice: list[float] = []
+        self.stack_histograms: list[tuple[np.ndarray, np.ndarray]] = []
+        self.stack_dice_counts: list[tuple[int, int]] = []
 
     def update(self, mean_prob: np.ndarray, label: np.ndarray) -> None:
         _check_pair(mean_prob, label)
@@ -227,8 +256,11 @@ class DetectionEvaluator:
         self.stack_scores.append(stack_scores(mean_prob))
         self.stack_targets.append(bool(truth.any()))
         predicted = mean_prob >= self.threshold
-        self.intersection += int(np.logical_and(predicted, truth).sum())
-        self.mask_sum += int(predicted.sum()) + int(truth.sum())
+        intersection, mask_sum = int(np.logical_and(predicted, truth).sum()), int(predicted.sum()) + int(truth.sum())
+        self.intersection += intersection
+        self.mask_sum += mask_sum
+        self.stack_dice_counts.append((intersection, mask_sum))
+        self.stack_histograms.append(_histograms(mean_prob, truth, n_bins=0, edges=BOOTSTRAP_BIN_EDGES))
         if truth.any():
             self.positive_stack_dice.append(dice(predicted, truth))
 
@@ -246,3 +278,63 @@ class DetectionEvaluator:
             "mean_dice_positive": float(np.mean(positive_dice)) if positive_dice else float("nan"),
             "stacks": len(self.stack_scores),
         }
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """`second - first` of one metric on the same stacks, with a bootstrap confidence interval."""
+
+    metric: str
+    first: float
+    second: float
+    difference: float
+    low: float
+    high: float
+
+
+def paired_bootstrap(first: DetectionEvaluator, second: DetectionEvaluator, resamples: int = 2000,
+                     confidence: float = 0.95, seed: int = 0) -> list[PairedDifference]:
+    """Is `second` better than `first` on these stacks? Paired bootstrap over stacks of pixel AP, stack AP
+    and pooled Dice.
+
+    Both evaluators must have seen the same stacks in the same order. Each resample draws stacks with
+    replacement and scores both models on the same draw, so stack-to-stack difficulty cancels. Pixel AP
+    uses the kept histograms (`BOOTSTRAP_BIN_EDGES`, the same bins for both); resamples without a
+    bleed stack are skipped for stack AP. Returns one `PairedDifference` per metric with the
+    `confidence` percentile interval of the difference.
+    """
+    def stack_sizes(evaluator: DetectionEvaluator) -> list[tuple[int, int]]:
+        return [(int(pos.sum()), int(neg.sum())) for pos, neg in evaluator.stack_histograms]
+
+    n = len(first.stack_targets)
+    if n == 0 or stack_sizes(first) != stack_sizes(second):
+        raise ValueError("paired bootstrap needs two evaluations of the same, non-empty list of stacks")
+    if resamples < 1 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"need resamples >= 1 and confidence in (0, 1), got {resamples}, {confidence}")
+    targets = np.array(first.stack_targets)
+
+    def arrays(evaluator: DetectionEvaluator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        positives = np.stack([h[0] for h in evaluator.stack_histograms]).astype(np.float64)
+        negatives = np.stack([h[1] for h in evaluator.stack_histograms]).astype(np.float64)
+        return positives, negatives, np.array(evaluator.stack_scores), np.array(evaluator.stack_dice_counts, dtype=np.float64)
+
+    def metrics(data, weights: np.ndarray) -> np.ndarray:
+        positives, negatives, scores, dice_counts = data
+        stack = (float(average_precision_score(targets, scores, sample_weight=weights))
+                 if (weights * targets).sum() > 0 else float("nan"))
+        intersection, mask_sum = weights @ dice_counts
+        return np.array([binned_average_precision(weights @ positives, weights @ negatives), stack,
+                         1.0 if mask_sum == 0 else 2.0 * intersection / mask_sum])
+
+    data_first, data_second = arrays(first), arrays(second)
+    ones = np.ones(n)
+    observed_first, observed_second = metrics(data_first, ones), metrics(data_second, ones)
+    rng = np.random.default_rng(seed)
+    differences = np.empty((resamples, 3))
+    for r in range(resamples):
+        weights = np.bincount(rng.integers(n, size=n), minlength=n).astype(np.float64)
+        differences[r] = metrics(data_second, weights) - metrics(data_first, weights)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.nanpercentile(differences, [tail, 100.0 - tail], axis=0)
+    return [PairedDifference(name, float(a), float(b), float(b - a), float(lo), float(hi))
+            for name, a, b, lo, hi in zip(("pixel_ap", "stack_ap", "dice"), observed_first, observed_second, low, high)]
