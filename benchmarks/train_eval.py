@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--test-count", type=int, default=40)
     parser.add_argument("--preset", default="cpu_small")
     parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--first-member", type=int, default=0,
+                        help="train members first..first+members-1 (merge runs with python -m ichal.train --merge)")
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lookalike-fraction", type=float, default=TrainSettings.lookalike_fraction,
@@ -128,7 +130,8 @@ def main() -> None:
             cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in paired_bootstrap(evaluators[0], evaluator)]
             print(f"| {path} | " + " | ".join(cells) + " |")
         return
-    settings = TrainSettings(preset=args.preset, ensemble_size=args.members, iterations=args.iterations,
+    settings = TrainSettings(preset=args.preset, ensemble_size=args.members, first_member=args.first_member,
+                             iterations=args.iterations,
                              batch_size=args.batch_size, lookalike_fraction=args.lookalike_fraction,
                              seed=args.seed if args.train_seed is None else args.train_seed)
     rows = run(sorted(args.train_counts), args.test_count, args.size, settings, args.seed, args.checkpoints, args.eval_train)

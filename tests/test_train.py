@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ichal.ensemble import load_ensemble, save_ensemble
+from ichal.ensemble import CheckpointError, load_ensemble, merge_ensembles, save_ensemble
 from ichal.infer import main as infer_main
 from ichal.io import VolumeError, read_nifti, write_nifti
 from ichal.models import ModelPreset, Stage
@@ -146,6 +146,27 @@ def test_lookalike_fraction_centres_negative_patches_on_lookalikes():
         train_ensemble([item], _settings(lookalike_fraction=1.5))
 
 
+def test_members_trained_in_separate_runs_merge_into_the_same_committee(tmp_path):
+    items = [_stack(i, bleed=i % 2 == 0) for i in range(3)]
+    together = train_ensemble(items, _settings(ensemble_size=3))
+    parts = [train_ensemble(items, _settings(ensemble_size=1)), train_ensemble(items, _settings(ensemble_size=2, first_member=1))]
+    merged = merge_ensembles(parts)
+    save_ensemble(together, tmp_path / "together.pt")
+    save_ensemble(merged, tmp_path / "merged.pt")
+    assert merged.meta["version"] == together.meta["version"]
+    assert [m["seed"] for m in merged.meta["metrics"]["members"]] == [3000, 3001, 3002]
+    assert merged.meta["metrics"]["mode"] == "merged" and len(load_ensemble(tmp_path / "merged.pt").members) == 3
+    with pytest.raises(CheckpointError, match="same seed \\[3000\\]"):
+        merge_ensembles([parts[0], parts[0]])
+    other_stacks = train_ensemble(items[:2], _settings(ensemble_size=1, first_member=3))
+    with pytest.raises(CheckpointError, match="differs from ensemble 0 in \\['train_ids'\\]"):
+        merge_ensembles([parts[0], other_stacks])
+    with pytest.raises(ValueError, match="at least two ensembles"):
+        merge_ensembles(parts[:1])
+    with pytest.raises(ValueError, match="first_member must be at least 0"):
+        train_ensemble(items, _settings(first_member=-1))
+
+
 def test_bad_training_input_is_rejected_with_a_clear_error():
     good = _stack(0)
     wrong_shape = TrainItem("bad", good.image_hu, good.label[:, :-1], SPACING_MM)
@@ -178,6 +199,14 @@ def test_train_and_infer_clis_on_a_pool_folder(tmp_path):
     assert train_main(["--pool", str(pool), "--out", str(model_path), "--members", "1", "--iterations", "2",
                        "--batch-size", "2"]) == 0
     assert load_ensemble(model_path).meta["train_ids"] == ["stack_00", "stack_01"]
+    second = tmp_path / "member1.pt"
+    assert train_main(["--pool", str(pool), "--out", str(second), "--members", "1", "--first-member", "1",
+                       "--iterations", "2", "--batch-size", "2"]) == 0
+    merged_path = tmp_path / "merged.pt"
+    assert train_main(["--merge", str(model_path), str(second), "--out", str(merged_path)]) == 0
+    assert len(load_ensemble(merged_path).members) == 2
+    with pytest.raises(SystemExit):
+        train_main(["--out", str(merged_path)])  # neither --pool nor --merge
     out = tmp_path / "predictions"
     assert infer_main(["--model", str(model_path), "--images", str(pool), "--out", str(out)]) == 0
     for index in range(3):

@@ -28,6 +28,8 @@ CHECKPOINT_FORMAT = "ichal-patchfcn-ensemble"
 CHECKPOINT_FORMAT_VERSION = 1
 # Keys every checkpoint's metadata carries; `version` is computed by `save_ensemble`.
 REQUIRED_META_KEYS = ("preset", "channels", "patch_px", "spacing_mm", "train_ids", "metrics", "versions", "created")
+# What ensembles must share to be merged into one committee.
+MERGE_KEYS = ("preset", "channels", "patch_px", "spacing_mm", "train_ids")
 
 
 class CheckpointError(ValueError):
@@ -208,6 +210,32 @@ def save_ensemble(model: EnsembleModel, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def merge_ensembles(models: Sequence[EnsembleModel]) -> EnsembleModel:
+    """One committee from ensembles trained separately on the same stacks (e.g. members trained in parallel
+    with `TrainSettings.first_member`, on several machines); members keep their order.
+
+    Raises `CheckpointError` when the ensembles differ in preset, channels, patch, spacing or training
+    stacks, or when two members share a training seed (the same member twice would bias the committee).
+    """
+    if len(models) < 2:
+        raise ValueError(f"merging needs at least two ensembles, got {len(models)}")
+    first = models[0].meta
+    for index, model in enumerate(models[1:], start=1):
+        differing = [key for key in MERGE_KEYS if model.meta.get(key) != first.get(key)]
+        if differing:
+            raise CheckpointError(f"cannot merge: ensemble {index} differs from ensemble 0 in {differing}")
+    member_metrics = [metrics for model in models for metrics in model.meta["metrics"].get("members", [])]
+    seeds = [metrics.get("seed") for metrics in member_metrics]
+    repeated = sorted({seed for seed in seeds if seed is not None and seeds.count(seed) > 1})
+    if repeated:
+        raise CheckpointError(f"cannot merge: members trained with the same seed {repeated} would be duplicates")
+    meta = {key: value for key, value in first.items() if key != "version"}
+    meta["metrics"] = {"mode": "merged", "members": member_metrics,
+                       "merged_from": [model.meta.get("version") for model in models],
+                       "settings": first["metrics"].get("settings")}
+    return EnsembleModel(members=[member for model in models for member in model.members], meta=meta)
 
 
 def load_ensemble(path: str | Path, device: str | torch.device = "cpu") -> EnsembleModel:

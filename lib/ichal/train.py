@@ -30,6 +30,7 @@ from ichal.config import DEFAULT_CONFIG, HUWindow, PipelineConfig
 from ichal.ensemble import (
     EnsembleModel,
     load_ensemble,
+    merge_ensembles,
     model_grid_yx,
     predict_member_slices,
     resample_slices,
@@ -79,6 +80,10 @@ class TrainSettings:
     member's stack-level call (any voxel >= detection threshold) is wrong or, for a bleed stack, its
     Dice is below `hard_dice_threshold`.
 
+    Retrain mode trains members `first_member` .. `first_member + ensemble_size - 1` (member i's seed is
+    `seed * 1000 + i`), so members trained in separate runs and merged (`ichal.ensemble.merge_ensembles`)
+    equal one run's committee.
+
     A patch is centred on a bleed voxel with probability `positive_fraction`; a negative patch is centred
     on a blood-density look-alike voxel (`lookalike_voxels`) with probability `lookalike_fraction`, else
     anywhere in the head.
@@ -86,6 +91,7 @@ class TrainSettings:
 
     preset: str | ModelPreset = "cpu_small"
     ensemble_size: int = 4
+    first_member: int = 0
     iterations: int = 600
     batch_size: int = 16
     lr: float = 2e-3
@@ -115,6 +121,8 @@ class TrainSettings:
         for name in ("positive_fraction", "lookalike_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.first_member < 0:
+            raise ValueError(f"first_member must be at least 0, got {self.first_member}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.spacing_mm is not None and not self.spacing_mm > 0:
@@ -286,7 +294,7 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
                       "loss": losses[-1], "lr": schedule.get_last_lr()[0]})
     member.eval()
     tail = losses[-max(1, iterations // 10):]
-    return {"iterations": iterations, "stacks": len(stacks), "final_loss": float(np.mean(tail))}
+    return {"seed": seed, "iterations": iterations, "stacks": len(stacks), "final_loss": float(np.mean(tail))}
 
 
 def _member_gets_wrong(member: nn.Module, stack: _Stack, settings: TrainSettings, patch_px: int,
@@ -341,7 +349,7 @@ def train_ensemble(
     stacks = [_prepare(item, spacing_mm) for item in items]
     member_metrics, members = [], []
     if mode == "retrain":
-        for index in range(settings.ensemble_size):
+        for index in range(settings.first_member, settings.first_member + settings.ensemble_size):
             torch.manual_seed(_member_seed(settings, index))
             member = build_network(preset, len(windows))
             member_metrics.append(_train_member(
@@ -402,10 +410,14 @@ def load_pool_items(pool_dir: str | Path) -> list[TrainItem]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ichal.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--pool", type=Path, required=True, help="pool folder (images + labels/final)")
+    parser.add_argument("--pool", type=Path, help="pool folder (images + labels/final)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (atomically)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="CKPT",
+                        help="instead of training: merge these ensembles (same stacks, other members) into --out")
     parser.add_argument("--preset", default="cpu_small")
     parser.add_argument("--members", type=int, default=DEFAULT_CONFIG.ensemble_size)
+    parser.add_argument("--first-member", type=int, default=0,
+                        help="index of the first member to train (train members in parallel runs, then --merge)")
     parser.add_argument("--iterations", type=int, default=TrainSettings.iterations)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
@@ -417,10 +429,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.merge:
+        model = merge_ensembles([load_ensemble(path) for path in args.merge])
+        save_ensemble(model, args.out)
+        print(f"saved {len(model.members)} members merged from {len(args.merge)} ensembles to {args.out}, "
+              f"version {model.meta['version']}")
+        return 0
+    if args.pool is None:
+        parser.error("--pool is required (or --merge)")
     if args.mode == "continual" and args.previous is None:
         parser.error("--mode continual needs --previous")
-    settings = TrainSettings(preset=args.preset, ensemble_size=args.members, iterations=args.iterations,
-                             batch_size=args.batch_size, lr=args.lr, loss=args.loss,
+    settings = TrainSettings(preset=args.preset, ensemble_size=args.members, first_member=args.first_member,
+                             iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
                              lookalike_fraction=args.lookalike_fraction, seed=args.seed, device=args.device)
     previous = load_ensemble(args.previous) if args.previous else None
     items = load_pool_items(args.pool)
