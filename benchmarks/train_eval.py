@@ -10,7 +10,8 @@ the model overfits (more data should help), equal figures mean the model itself 
 `--evaluate CKPT...` trains nothing: it scores saved checkpoints (`--checkpoints` of an earlier run) on stacks
 `--eval-start` to `--eval-start + --test-count` of generator seed `--seed`, e.g. other test stacks or the
 training stacks only one of the checkpoints saw. With two or more checkpoints it also prints each one's
-difference to the first (pixel AP, stack AP, pooled Dice) with a 95% paired-bootstrap interval over the stacks
+difference to the first (or, with `--pairs`, the 2nd to the 1st, the 4th to the 3rd, ...) in pixel AP, stack AP
+and pooled Dice, with a 95% paired-bootstrap interval over the stacks
 (`ichal.metrics.paired_bootstrap`): an interval above 0 means the later checkpoint is better on such stacks.
 """
 
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, help="folder to save each trained ensemble")
     parser.add_argument("--evaluate", type=Path, nargs="+", metavar="CKPT", help="only evaluate these checkpoints")
     parser.add_argument("--eval-start", type=int, default=0, help="with --evaluate: first stack index of the pool")
+    parser.add_argument("--pairs", action="store_true",
+                        help="with --evaluate: compare the 2nd checkpoint to the 1st, the 4th to the 3rd, ... (default: all to the 1st)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.evaluate:
@@ -123,12 +126,15 @@ def main() -> None:
             evaluators.append(evaluator)
             print(json.dumps({"checkpoint": str(path), "seed": args.seed, "stack_range": [args.eval_start, args.eval_start + len(items)]}
                              | evaluator.result()), flush=True)
-        if len(evaluators) > 1:
-            print(f"| checkpoint minus {args.evaluate[0]} | pixel AP (4096 logit bins) | stack AP | Dice (pooled) |")
-            print("|---|---|---|---|")
-        for path, evaluator in zip(args.evaluate[1:], evaluators[1:]):
-            cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in paired_bootstrap(evaluators[0], evaluator)]
-            print(f"| {path} | " + " | ".join(cells) + " |")
+        # (baseline, compared) index pairs: each checkpoint against the first, or with --pairs 1 vs 0, 3 vs 2, ...
+        pairs = [(i - 1, i) for i in range(1, len(evaluators), 2)] if args.pairs else [(0, i) for i in range(1, len(evaluators))]
+        if pairs:
+            print("| checkpoint | minus | pixel AP (4096 logit bins) | stack AP | Dice (pooled) |")
+            print("|---|---|---|---|---|")
+        for base, other in pairs:
+            cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+                     for d in paired_bootstrap(evaluators[base], evaluators[other])]
+            print(f"| {args.evaluate[other]} | {args.evaluate[base]} | " + " | ".join(cells) + " |")
         return
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, first_member=args.first_member,
                              iterations=args.iterations,
