@@ -25,7 +25,7 @@ from server_fixtures import running_server
 pytestmark = pytest.mark.integration
 
 CONF = {"ensemble_size": "2", "train_iterations": "4", "train_batch_size": "4", "budget_minutes": "45", "model_spacing_mm": "3.6",
-        "checkout_minutes": "30"}
+        "checkout_minutes": "30", "train_lookalike_fraction": "1.0"}
 
 
 @pytest.fixture(scope="module")

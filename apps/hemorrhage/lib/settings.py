@@ -15,6 +15,7 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "model_spacing_mm": (float, 1.8, "in-plane pixel size the committee works at (paper: ~0.45, native; 1.8 keeps CPU inference ~16x cheaper)"),
     "train_iterations": (int, 300, "optimizer steps per member per training run"),
     "train_batch_size": (int, 16, "patches per optimizer step"),
+    "train_lookalike_fraction": (float, 0.5, "share of negative training patches centred on blood-density look-alikes (dense sinuses, arteries, calcifications)"),
     "train_mode": (str, "retrain", "default training mode: retrain (from scratch) or continual (fine-tune)"),
     "device": (str, "cpu", "torch device for inference, scoring and training (cpu, cuda, cuda:1)"),
     "budget_minutes": (float, 60.0, "default labeling budget of a worklist when a request gives none"),
@@ -40,6 +41,7 @@ class AppSettings:
     model_spacing_mm: float
     train_iterations: int
     train_batch_size: int
+    train_lookalike_fraction: float
     train_mode: str
     device: str
     budget_minutes: float
@@ -81,6 +83,8 @@ class AppSettings:
                 raise ConfError(f"--conf {name} must be a positive number, got {value}")
         if self.train_mode not in ("retrain", "continual"):
             raise ConfError(f"--conf train_mode must be retrain or continual, got {self.train_mode!r}")
+        if not 0.0 <= self.train_lookalike_fraction <= 1.0:
+            raise ConfError(f"--conf train_lookalike_fraction must be in [0, 1], got {self.train_lookalike_fraction}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfError(f"--conf overlap must be in [0, 1), got {self.overlap}")
 
