@@ -237,8 +237,6 @@ class DetectionEvaluator:
         self.frame_targets: list[np.ndarray] = []
         self.stack_scores: list[float] = []
         self.stack_targets: list[bool] = []
-        self.intersection = 0
-        self.mask_sum = 0
         self.positive_stack_dice: list[float] = []
         self.stack_histograms: list[tuple[np.ndarray, np.ndarray]] = []
         self.stack_dice_counts: list[tuple[int, int]] = []
@@ -256,10 +254,7 @@ class DetectionEvaluator:
         self.stack_scores.append(stack_scores(mean_prob))
         self.stack_targets.append(bool(truth.any()))
         predicted = mean_prob >= self.threshold
-        intersection, mask_sum = int(np.logical_and(predicted, truth).sum()), int(predicted.sum()) + int(truth.sum())
-        self.intersection += intersection
-        self.mask_sum += mask_sum
-        self.stack_dice_counts.append((intersection, mask_sum))
+        self.stack_dice_counts.append((int(np.logical_and(predicted, truth).sum()), int(predicted.sum()) + int(truth.sum())))
         self.stack_histograms.append(_histograms(mean_prob, truth, n_bins=0, edges=BOOTSTRAP_BIN_EDGES))
         if truth.any():
             self.positive_stack_dice.append(dice(predicted, truth))
@@ -267,6 +262,7 @@ class DetectionEvaluator:
     def result(self) -> dict[str, float]:
         pixel = self.pixels.result()
         positive_dice = self.positive_stack_dice
+        intersection, mask_sum = np.array(self.stack_dice_counts, dtype=np.int64).reshape(-1, 2).sum(axis=0)
         return {
             "pixel_ap": pixel.ap,
             "pixel_ap_bound": pixel.upper - pixel.lower,
@@ -274,7 +270,7 @@ class DetectionEvaluator:
                                       self.region_truths),
             "frame_ap": _ap(np.concatenate(self.frame_targets), np.concatenate(self.frame_scores)),
             "stack_ap": _ap(np.array(self.stack_targets), np.array(self.stack_scores)),
-            "dice": 1.0 if self.mask_sum == 0 else 2.0 * self.intersection / self.mask_sum,
+            "dice": 1.0 if mask_sum == 0 else 2.0 * float(intersection) / float(mask_sum),
             "mean_dice_positive": float(np.mean(positive_dice)) if positive_dice else float("nan"),
             "stacks": len(self.stack_scores),
         }
