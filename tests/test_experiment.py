@@ -144,4 +144,7 @@ def test_cli_rejects_a_round_count_below_one(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["cost", "--out", str(tmp_path), "--rounds", "0", "--seeds", "0"])
     assert "rounds must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cost", "--out", str(tmp_path), "--lookalike-fraction", "1.5", "--seeds", "0"])
+    assert "lookalike_fraction must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "a rejected run wrote into its folder"

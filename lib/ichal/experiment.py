@@ -79,6 +79,7 @@ class ExperimentConfig:
     knapsack_resolution_seconds: float = 10.0
     device: str = "cpu"
     batch_slices: int = 16
+    lookalike_fraction: float = 0.5  # TrainSettings.lookalike_fraction; docs/results.md runs predate it (0)
 
     def validate(self) -> None:
         """Raise `ExperimentError` naming the first value out of range."""
@@ -88,6 +89,8 @@ class ExperimentConfig:
         for name in ("coreset_seed_fraction", "cost_seed_fraction", "budget_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ExperimentError(f"config {self.name!r}: {name} must be in (0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.lookalike_fraction <= 1.0:
+            raise ExperimentError(f"config {self.name!r}: lookalike_fraction must be in [0, 1], got {self.lookalike_fraction}")
 
 
 CONFIGS: dict[str, ExperimentConfig] = {
@@ -161,7 +164,8 @@ def train_labeled(config: ExperimentConfig, data: Data, labeled_ids: Sequence[st
     by_id = {stack.id: stack for stack in data.pool}
     items = [TrainItem(i, by_id[i].image_hu, by_id[i].label, by_id[i].spacing_mm) for i in labeled_ids]
     settings = TrainSettings(preset=config.preset, ensemble_size=config.members, iterations=config.iterations,
-                             batch_size=config.batch_size, lr=config.lr, seed=train_seed, device=config.device)
+                             batch_size=config.batch_size, lr=config.lr, lookalike_fraction=config.lookalike_fraction,
+                             seed=train_seed, device=config.device)
     start = time.perf_counter()
     with tqdm(total=config.members * config.iterations, desc=f"training on {len(items)}", unit="it",
               leave=False, disable=not progress) as bar:
@@ -444,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="selection rounds after the seed set (default: the config's)")
     parser.add_argument("--seed-fraction", type=float,
                         help="share of the pool labeled at round 0 (default: the config's for the protocol)")
+    parser.add_argument("--lookalike-fraction", type=float,
+                        help="share of negative training patches on blood-density look-alikes (default 0.5; 0: the sampler of docs/results.md)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -456,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(config, iterations=args.iterations)
         if args.rounds is not None:
             config = dataclasses.replace(config, rounds=args.rounds)
+        if args.lookalike_fraction is not None:
+            config = dataclasses.replace(config, lookalike_fraction=args.lookalike_fraction)
         if args.seed_fraction is not None:
             field = "coreset_seed_fraction" if args.protocol == "coreset" else "cost_seed_fraction"
             config = dataclasses.replace(config, **{field: args.seed_fraction})
