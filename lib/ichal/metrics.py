@@ -21,7 +21,8 @@ CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)
 DEFAULT_PIXEL_AP_BINS = 2**16
 # Per-stack pixel histograms kept for the paired bootstrap: 4096 bins equally wide in logit between -20 and
 # 20, because trained models put most voxels within 1e-3 of 0 or 1, where equal-width bins cannot separate them.
-BOOTSTRAP_BIN_EDGES = 1.0 / (1.0 + np.exp(-np.linspace(-20.0, 20.0, 4097)[1:-1]))
+BOOTSTRAP_BINS = 4096
+BOOTSTRAP_BIN_EDGES = 1.0 / (1.0 + np.exp(-np.linspace(-20.0, 20.0, BOOTSTRAP_BINS + 1)[1:-1]))
 
 
 def _check_pair(prob: np.ndarray, label: np.ndarray) -> None:
@@ -142,15 +143,15 @@ def binned_average_precision(positives: np.ndarray, negatives: np.ndarray) -> fl
 
 def _histograms(prob: np.ndarray, label: np.ndarray, n_bins: int, edges: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-bin counts of positive and negative voxels: `n_bins` equal-width probability bins, or the
-    len(edges) + 1 bins between ascending interior `edges`."""
+    """Per-bin counts of positive and negative voxels in `n_bins` bins: equal-width probability bins, or
+    the bins between ascending interior `edges` (n_bins - 1 of them)."""
     flat = np.asarray(prob, dtype=np.float64).ravel()
     if flat.size and (not np.isfinite(flat).all() or flat.min() < 0.0 or flat.max() > 1.0):
         raise ValueError("pixel AP needs probabilities in [0, 1]")
     if edges is None:
         bins = np.minimum((flat * n_bins).astype(np.int64), n_bins - 1)
     else:
-        n_bins, bins = edges.size + 1, np.searchsorted(edges, flat, side="right")
+        bins = np.searchsorted(edges, flat, side="right")
     truth = np.asarray(label).ravel().astype(bool)
     return np.bincount(bins[truth], minlength=n_bins), np.bincount(bins[~truth], minlength=n_bins)
 
@@ -255,7 +256,7 @@ class DetectionEvaluator:
         self.stack_targets.append(bool(truth.any()))
         predicted = mean_prob >= self.threshold
         self.stack_dice_counts.append((int(np.logical_and(predicted, truth).sum()), int(predicted.sum()) + int(truth.sum())))
-        self.stack_histograms.append(_histograms(mean_prob, truth, n_bins=0, edges=BOOTSTRAP_BIN_EDGES))
+        self.stack_histograms.append(_histograms(mean_prob, truth, BOOTSTRAP_BINS, BOOTSTRAP_BIN_EDGES))
         if truth.any():
             self.positive_stack_dice.append(dice(predicted, truth))
 
