@@ -13,6 +13,8 @@ training stacks only one of the checkpoints saw. With two or more checkpoints it
 difference to the first (or, with `--pairs`, the 2nd to the 1st, the 4th to the 3rd, ...) in pixel AP, stack AP
 and pooled Dice, with a 95% paired-bootstrap interval over the stacks
 (`ichal.metrics.paired_bootstrap`): an interval above 0 means the later checkpoint is better on such stacks.
+With `--pairs` and several pairs (e.g. 60 vs. 200 from several training pools) a last row gives the mean
+difference over the pairs, with an interval that resamples the pairs as well as the stacks.
 """
 
 from __future__ import annotations
@@ -131,10 +133,13 @@ def main() -> None:
         if pairs:
             print("| checkpoint | minus | pixel AP (4096 logit bins) | stack AP | Dice (pooled) |")
             print("|---|---|---|---|---|")
-        for base, other in pairs:
-            cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
-                     for d in paired_bootstrap(evaluators[base], evaluators[other])]
-            print(f"| {args.evaluate[other]} | {args.evaluate[base]} | " + " | ".join(cells) + " |")
+        rows = [(str(args.evaluate[other]), str(args.evaluate[base]), [(evaluators[base], evaluators[other])])
+                for base, other in pairs]
+        if args.pairs and len(pairs) > 1:
+            rows.append((f"mean of the {len(pairs)} pairs (pairs resampled too)", "", [p for _, _, [p] in rows]))
+        for compared, baseline, evaluator_pairs in rows:
+            cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in paired_bootstrap(evaluator_pairs)]
+            print(f"| {compared} | {baseline} | " + " | ".join(cells) + " |")
         return
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, first_member=args.first_member,
                              iterations=args.iterations,

@@ -160,7 +160,7 @@ def _noisy_stacks(signal: float, noise: float, seed: int, count: int = 30):
 def test_paired_bootstrap_finds_a_better_model_and_no_difference_against_itself():
     good, labels = _noisy_stacks(0.6, 0.4, seed=0)
     poor, _ = _noisy_stacks(0.05, 0.95, seed=1)
-    better = paired_bootstrap(_evaluate(poor, labels), _evaluate(good, labels), resamples=300)
+    better = paired_bootstrap([(_evaluate(poor, labels), _evaluate(good, labels))], resamples=300)
     assert [d.metric for d in better] == ["pixel_ap", "stack_ap", "dice"]
     observed = {d.metric: d for d in better}
     assert observed["stack_ap"].second == pytest.approx(stack_ap(good, labels))
@@ -169,15 +169,36 @@ def test_paired_bootstrap_finds_a_better_model_and_no_difference_against_itself(
     assert observed["pixel_ap"].second == pytest.approx(pixel_ap(good, labels).ap, abs=5e-3)  # logit bins
     for difference in better:
         assert difference.difference > 0 and 0 < difference.low <= difference.difference <= difference.high
-    same = paired_bootstrap(_evaluate(good, labels), _evaluate(good, labels), resamples=50)
+    same = paired_bootstrap([(_evaluate(good, labels), _evaluate(good, labels))], resamples=50)
     assert all(d.difference == d.low == d.high == 0 for d in same)
 
 
 def test_paired_bootstrap_rejects_different_stacks_and_bad_settings():
     probs, labels = _noisy_stacks(0.6, 0.4, seed=0)
     with pytest.raises(ValueError, match="same, non-empty list of stacks"):
-        paired_bootstrap(_evaluate(probs, labels), _evaluate(probs[1:], labels[1:]))
+        paired_bootstrap([(_evaluate(probs, labels), _evaluate(probs[1:], labels[1:]))])
+    with pytest.raises(ValueError, match="same, non-empty list of stacks"):  # a second pair on other stacks
+        paired_bootstrap([(_evaluate(probs, labels), _evaluate(probs, labels)),
+                          (_evaluate(probs[1:], labels[1:]), _evaluate(probs[1:], labels[1:]))])
     with pytest.raises(ValueError, match="same, non-empty list of stacks"):
-        paired_bootstrap(DetectionEvaluator(), DetectionEvaluator())
+        paired_bootstrap([(DetectionEvaluator(), DetectionEvaluator())])
+    with pytest.raises(ValueError, match="same, non-empty list of stacks"):
+        paired_bootstrap([])
     with pytest.raises(ValueError, match="confidence"):
-        paired_bootstrap(_evaluate(probs, labels), _evaluate(probs, labels), confidence=1.0)
+        paired_bootstrap([(_evaluate(probs, labels), _evaluate(probs, labels))], confidence=1.0)
+
+
+def test_paired_bootstrap_over_several_pairs_averages_them_and_resamples_the_pairs():
+    # Two training draws: one where the second model is much better, one where it is the same model.
+    good, labels = _noisy_stacks(0.6, 0.4, seed=0)
+    poor, _ = _noisy_stacks(0.05, 0.95, seed=1)
+    gain = [(_evaluate(poor, labels), _evaluate(good, labels))]
+    no_gain = [(_evaluate(good, labels), _evaluate(good, labels))]
+    single = {d.metric: d for d in paired_bootstrap(gain, resamples=300)}
+    mixed = {d.metric: d for d in paired_bootstrap(gain + no_gain, resamples=300)}
+    for metric in ("pixel_ap", "dice"):
+        assert mixed[metric].difference == pytest.approx(single[metric].difference / 2)
+        assert mixed[metric].first == pytest.approx((single[metric].first + single[metric].second) / 2)
+        # Drawing the no-gain pair twice gives 0, the gain pair twice the full gain: both ends are reached.
+        assert mixed[metric].low == pytest.approx(0.0, abs=1e-12)
+        assert mixed[metric].high > 0.8 * single[metric].difference

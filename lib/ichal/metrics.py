@@ -289,26 +289,31 @@ class PairedDifference:
     high: float
 
 
-def paired_bootstrap(first: DetectionEvaluator, second: DetectionEvaluator, resamples: int = 2000,
+def paired_bootstrap(pairs: Sequence[tuple[DetectionEvaluator, DetectionEvaluator]], resamples: int = 2000,
                      confidence: float = 0.95, seed: int = 0) -> list[PairedDifference]:
-    """Is `second` better than `first` on these stacks? Paired bootstrap over stacks of pixel AP, stack AP
-    and pooled Dice.
+    """Is the second model of each pair better than the first on these stacks? Paired bootstrap of pixel AP,
+    stack AP and pooled Dice.
 
-    Both evaluators must have seen the same stacks in the same order. Each resample draws stacks with
-    replacement and scores both models on the same draw, so stack-to-stack difficulty cancels. Pixel AP
-    uses the kept histograms (`BOOTSTRAP_BIN_EDGES`, the same bins for both); resamples without a
-    bleed stack are skipped for stack AP. Returns one `PairedDifference` per metric with the
-    `confidence` percentile interval of the difference.
+    Every evaluator must have seen the same stacks in the same order. Each resample draws stacks with
+    replacement and scores both models of a pair on the same draw, so stack-to-stack difficulty cancels.
+    With several pairs (e.g. 60 vs. 200 stacks from several training pools) the figures are means over the
+    pairs, and each resample also draws the pairs with replacement, so the interval covers which training
+    pool was drawn as well as which test stacks (with few pairs the interval is a little too narrow: the
+    bootstrap's variance is (k - 1) / k of the true one for k pairs). Pixel AP uses the kept histograms
+    (`BOOTSTRAP_BIN_EDGES`, the same bins for all); resamples without a bleed stack are skipped for stack
+    AP. Returns one `PairedDifference` per metric with the `confidence` percentile interval of the difference.
     """
     def stack_sizes(evaluator: DetectionEvaluator) -> list[tuple[int, int]]:
         return [(int(pos.sum()), int(neg.sum())) for pos, neg in evaluator.stack_histograms]
 
-    n = len(first.stack_targets)
-    if n == 0 or stack_sizes(first) != stack_sizes(second):
-        raise ValueError("paired bootstrap needs two evaluations of the same, non-empty list of stacks")
+    evaluators = [evaluator for pair in pairs for evaluator in pair]
+    if not evaluators or not len(evaluators[0].stack_targets) or any(
+            stack_sizes(e) != stack_sizes(evaluators[0]) for e in evaluators[1:]):
+        raise ValueError("paired bootstrap needs evaluations of the same, non-empty list of stacks")
     if resamples < 1 or not 0.0 < confidence < 1.0:
         raise ValueError(f"need resamples >= 1 and confidence in (0, 1), got {resamples}, {confidence}")
-    targets = np.array(first.stack_targets)
+    n, k = len(evaluators[0].stack_targets), len(pairs)
+    targets = np.array(evaluators[0].stack_targets)
 
     def arrays(evaluator: DetectionEvaluator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         positives = np.stack([h[0] for h in evaluator.stack_histograms]).astype(np.float64)
@@ -323,15 +328,18 @@ def paired_bootstrap(first: DetectionEvaluator, second: DetectionEvaluator, resa
         return np.array([binned_average_precision(weights @ positives, weights @ negatives), stack,
                          1.0 if mask_sum == 0 else 2.0 * intersection / mask_sum])
 
-    data_first, data_second = arrays(first), arrays(second)
+    data = [(arrays(first), arrays(second)) for first, second in pairs]
     ones = np.ones(n)
-    observed_first, observed_second = metrics(data_first, ones), metrics(data_second, ones)
+    observed = np.array([[metrics(first, ones), metrics(second, ones)] for first, second in data])  # (k, 2, 3)
     rng = np.random.default_rng(seed)
     differences = np.empty((resamples, 3))
     for r in range(resamples):
         weights = np.bincount(rng.integers(n, size=n), minlength=n).astype(np.float64)
-        differences[r] = metrics(data_second, weights) - metrics(data_first, weights)
+        drawn = np.bincount(rng.integers(k, size=k), minlength=k) if k > 1 else np.ones(1, dtype=int)
+        differences[r] = sum(count * (metrics(data[p][1], weights) - metrics(data[p][0], weights))
+                             for p, count in enumerate(drawn) if count) / k
     tail = 100.0 * (1.0 - confidence) / 2.0
     low, high = np.nanpercentile(differences, [tail, 100.0 - tail], axis=0)
+    first_mean, second_mean = observed.mean(axis=0)
     return [PairedDifference(name, float(a), float(b), float(b - a), float(lo), float(hi))
-            for name, a, b, lo, hi in zip(("pixel_ap", "stack_ap", "dice"), observed_first, observed_second, low, high)]
+            for name, a, b, lo, hi in zip(("pixel_ap", "stack_ap", "dice"), first_mean, second_mean, low, high)]
