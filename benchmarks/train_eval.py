@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ichal.ensemble import load_ensemble, predict_stack, save_ensemble
+from ichal.experiment_plots import plot_paired_differences
+from ichal.io import atomic_write_bytes
 from ichal.metrics import DetectionEvaluator, paired_bootstrap
 from ichal.phantom import generate_pool
 from ichal.train import TrainItem, TrainSettings, train_ensemble
@@ -112,19 +115,23 @@ def main() -> None:
     parser.add_argument("--train-seed", type=int, help="seed of the ensemble's training (default: --seed)")
     parser.add_argument("--eval-train", type=int, default=0, metavar="N", help="also evaluate on the first N training stacks")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--json", type=Path, help="write the rows (with --evaluate: each checkpoint's figures and the differences) here")
     parser.add_argument("--checkpoints", type=Path, help="folder to save each trained ensemble")
     parser.add_argument("--evaluate", type=Path, nargs="+", metavar="CKPT", help="only evaluate these checkpoints")
     parser.add_argument("--eval-start", type=int, default=0, help="with --evaluate: first stack index of the pool")
     parser.add_argument("--pairs", action="store_true",
                         help="with --evaluate: compare the 2nd checkpoint to the 1st, the 4th to the 3rd, ... (default: all to the 1st)")
+    parser.add_argument("--plot", type=Path,
+                        help="with --evaluate --pairs and two or more pairs: PNG of each pair's two figures and their mean")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.evaluate:
         items = _items(args.test_count, args.size, args.seed, "generating stacks", start=args.eval_start)
-        evaluators = []
+        evaluators, train_counts = [], []
         for path in args.evaluate:
-            evaluator, _ = _evaluate(load_ensemble(path), items, f"evaluating {path}")
+            model = load_ensemble(path)
+            train_counts.append(len(model.meta["train_ids"]))
+            evaluator, _ = _evaluate(model, items, f"evaluating {path}")
             evaluators.append(evaluator)
             print(json.dumps({"checkpoint": str(path), "seed": args.seed, "stack_range": [args.eval_start, args.eval_start + len(items)]}
                              | evaluator.result()), flush=True)
@@ -137,9 +144,20 @@ def main() -> None:
                 for base, other in pairs]
         if args.pairs and len(pairs) > 1:
             rows.append((f"mean of the {len(pairs)} pairs (pairs resampled too)", "", [p for _, _, [p] in rows]))
+        differences = []
         for compared, baseline, evaluator_pairs in rows:
-            cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in paired_bootstrap(evaluator_pairs)]
+            differences.append(paired_bootstrap(evaluator_pairs))
+            cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in differences[-1]]
             print(f"| {compared} | {baseline} | " + " | ".join(cells) + " |")
+        if args.json:
+            atomic_write_bytes(args.json, json.dumps({
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "checkpoints": [{"checkpoint": str(path)} | e.result() for path, e in zip(args.evaluate, evaluators)],
+                "differences": [{"compared": c, "baseline": b, "metrics": [asdict(d) for d in ds]}
+                                for (c, b, _), ds in zip(rows, differences)]}, indent=2).encode())
+        if args.plot and len(pairs) > 1:
+            labels = tuple(f"{train_counts[i]} training stacks" for i in pairs[0])
+            plot_paired_differences(differences[:len(pairs)], differences[-1], labels, args.plot)
         return
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, first_member=args.first_member,
                              iterations=args.iterations,

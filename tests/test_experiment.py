@@ -17,6 +17,8 @@ from ichal.experiment import (
     make_data,
     run_protocol,
 )
+from ichal.experiment_plots import plot_paired_differences
+from ichal.metrics import PairedDifference
 
 MINI = ExperimentConfig(name="mini", pool_count=16, test_count=3, size=32, rounds=2, members=2, iterations=4,
                         batch_size=4, coreset_seed_fraction=0.125)
@@ -148,3 +150,16 @@ def test_cli_rejects_a_round_count_below_one(tmp_path, capsys):
         main(["cost", "--out", str(tmp_path), "--lookalike-fraction", "1.5", "--seeds", "0"])
     assert "lookalike_fraction must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "a rejected run wrote into its folder"
+
+
+def test_paired_differences_plot_is_a_png_and_refuses_mismatched_metrics(tmp_path):
+    def differences(gain: float) -> list[PairedDifference]:
+        return [PairedDifference(metric, 0.8, 0.8 + gain, gain, gain - 0.01, gain + 0.01) for metric in ("pixel_ap", "dice")]
+
+    path = tmp_path / "pairs.png"
+    plot_paired_differences([differences(0.05), differences(-0.05), differences(0.0)], differences(0.0),
+                            ("60 training stacks", "200 training stacks"), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="same metrics"):
+        plot_paired_differences([differences(0.05)[:1]], differences(0.0), ("a", "b"), tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -1,6 +1,7 @@
 """Reports of active-learning experiments: per-cell CSV, AP curves with error bars, markdown table.
 
 Kuo et al. 2018, Fig. 4 (core-set AP vs. labeled fraction) and Fig. 5 (cost-sensitive AP vs. labeling time).
+Also the paired comparison of two training-set sizes over several training pools (`plot_paired_differences`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend chosen first: no display
 import numpy as np  # noqa: E402
 
 from ichal.io import atomic_write_bytes  # noqa: E402
+from ichal.metrics import PairedDifference  # noqa: E402
 
 AP_LEVELS = ("pixel_ap", "region_ap", "frame_ap", "stack_ap")
 CSV_COLUMNS = (
@@ -95,6 +97,40 @@ def plot_curves(protocol: str, summary: Sequence[dict], path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     seeds = max((s["seeds"] for s in summary), default=0)
     figure.suptitle(f"{protocol}: mean over {seeds} seed(s), bars = std")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+PAIR_COLOURS = {"better": "tab:green", "worse": "tab:red", "no difference": "tab:gray"}
+
+
+def plot_paired_differences(pairs: Sequence[Sequence[PairedDifference]], mean: Sequence[PairedDifference],
+                            labels: tuple[str, str], path: Path) -> None:
+    """One panel per metric: a line from the first to the second model of each pair (green when the
+    bootstrap interval of second - first is above 0, red when below, gray when it spans 0) and the mean of
+    the pairs in black, its difference and interval in the panel title."""
+    metrics = [d.metric for d in mean]
+    if not pairs or any([d.metric for d in pair] != metrics for pair in pairs):
+        raise ValueError("every pair needs the same metrics as the mean, in the same order")
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4.5), constrained_layout=True)
+    for index, (axis, overall) in enumerate(zip(np.atleast_1d(axes), mean)):
+        used = set()
+        for pair in pairs:
+            d = pair[index]
+            verdict = "better" if d.low > 0 else "worse" if d.high < 0 else "no difference"
+            axis.plot([0, 1], [d.first, d.second], marker="o", color=PAIR_COLOURS[verdict], alpha=0.8,
+                      label=None if verdict in used else f"one pool: {verdict}")
+            used.add(verdict)
+        axis.plot([0, 1], [overall.first, overall.second], marker="s", color="black", linewidth=2.5, label="mean")
+        axis.set_title(f"{overall.metric.replace('_ap', ' AP')}: {overall.difference:+.3f} "
+                       f"[{overall.low:+.3f}, {overall.high:+.3f}]", fontsize=10)
+        axis.set_xticks([0, 1], labels)
+        axis.set_xlim(-0.2, 1.2)
+        axis.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    figure.suptitle(f"{labels[1]} minus {labels[0]} on the same test stacks, {len(pairs)} pairs (95% bootstrap intervals)")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
