@@ -335,6 +335,7 @@ def paired_bootstrap(pairs: Sequence[tuple[DetectionEvaluator, DetectionEvaluato
     differences = np.empty((resamples, 3))
     for r in range(resamples):
         weights = np.bincount(rng.integers(n, size=n), minlength=n).astype(np.float64)
+        # One pair draws nothing more, so its intervals stay those of the same seed before pairs were resampled.
         drawn = np.bincount(rng.integers(k, size=k), minlength=k) if k > 1 else np.ones(1, dtype=int)
         differences[r] = sum(count * (metrics(data[p][1], weights) - metrics(data[p][0], weights))
                              for p, count in enumerate(drawn) if count) / k
