@@ -98,6 +98,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_json(args: argparse.Namespace, **content) -> None:
+    """`content` with the command's arguments to `args.json`, atomically."""
+    atomic_write_bytes(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()}} | content, indent=2).encode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128, help="in-plane pixels of generated stacks")
@@ -150,11 +155,9 @@ def main() -> None:
             cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in differences[-1]]
             print(f"| {compared} | {baseline} | " + " | ".join(cells) + " |")
         if args.json:
-            atomic_write_bytes(args.json, json.dumps({
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "checkpoints": [{"checkpoint": str(path)} | e.result() for path, e in zip(args.evaluate, evaluators)],
-                "differences": [{"compared": c, "baseline": b, "metrics": [asdict(d) for d in ds]}
-                                for (c, b, _), ds in zip(rows, differences)]}, indent=2).encode())
+            _write_json(args, checkpoints=[{"checkpoint": str(path)} | e.result() for path, e in zip(args.evaluate, evaluators)],
+                        differences=[{"compared": c, "baseline": b, "metrics": [asdict(d) for d in ds]}
+                                     for (c, b, _), ds in zip(rows, differences)])
         if args.plot and len(pairs) > 1:
             labels = tuple(f"{train_counts[i]} training stacks" for i in pairs[0])
             plot_paired_differences(differences[:len(pairs)], differences[-1], labels, args.plot)
@@ -166,8 +169,7 @@ def main() -> None:
     rows = run(sorted(args.train_counts), args.test_count, args.size, settings, args.seed, args.checkpoints, args.eval_train)
     print(markdown_table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+        _write_json(args, rows=rows)
 
 
 if __name__ == "__main__":
