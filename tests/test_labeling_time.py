@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from ichal.checkout import CheckoutRegistry
 from ichal.labeling_time import EventLog, LabelEvent, active_seconds, measured_times
-from ichal.state import JsonStore, StateError
+from ichal.state import JsonStore, StateDB, StateError
 
 
 def test_active_seconds_caps_each_idle_gap():
@@ -44,13 +43,20 @@ def test_a_second_round_on_the_same_stack_starts_after_the_previous_save():
 
 
 def test_event_log_is_durable_and_rejects_unknown_kinds(tmp_path):
-    log = EventLog(tmp_path / "events.json")
+    log = EventLog(StateDB.open(tmp_path))
     log.record("a", "ct_1", "served", ts=1.0)
     log.record("a", "ct_1", "saved", ts=9.0)
-    assert [e.kind for e in EventLog(tmp_path / "events.json").events()] == ["served", "saved"]
     with pytest.raises(ValueError, match="unknown event kind"):
         log.record("a", "ct_1", "coffee")
-    assert len(json.loads((tmp_path / "events.json").read_text())) == 2
+    reopened = EventLog(StateDB.open(tmp_path))
+    assert reopened.events() == [LabelEvent(1.0, "a", "ct_1", "served"), LabelEvent(9.0, "a", "ct_1", "saved")]
+
+
+def test_concurrent_event_records_from_threads_lose_nothing(tmp_path):
+    log = EventLog(StateDB.open(tmp_path))
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: log.record("a", f"ct_{i}", "served", ts=float(i)), range(200)))
+    assert sorted(e.ts for e in log.events()) == [float(i) for i in range(200)]
 
 
 def test_concurrent_updates_lose_nothing(tmp_path):
@@ -69,7 +75,7 @@ def test_an_unreadable_state_file_is_reported_and_left_alone(tmp_path):
 
 
 def test_checked_out_stacks_are_not_served_to_others_until_expiry(tmp_path):
-    registry = CheckoutRegistry(tmp_path / "checkouts.json", expiry_seconds=60)
+    registry = CheckoutRegistry(StateDB.open(tmp_path), expiry_seconds=60)
     assert registry.checkout_first_free("a", ["ct_1", "ct_2"], now=0) == "ct_1"
     assert registry.checkout_first_free("b", ["ct_1", "ct_2"], now=10) == "ct_2"
     assert registry.checkout_first_free("c", ["ct_1", "ct_2"], now=20) is None
@@ -80,6 +86,6 @@ def test_checked_out_stacks_are_not_served_to_others_until_expiry(tmp_path):
 
 
 def test_a_client_asking_again_keeps_its_own_stack(tmp_path):
-    registry = CheckoutRegistry(tmp_path / "checkouts.json", expiry_seconds=60)
+    registry = CheckoutRegistry(StateDB.open(tmp_path), expiry_seconds=60)
     assert registry.checkout_first_free("a", ["ct_1"], now=0) == "ct_1"
     assert registry.checkout_first_free("a", ["ct_1"], now=5) == "ct_1"

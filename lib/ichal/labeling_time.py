@@ -8,11 +8,11 @@ gap capped at an idle limit, so a lunch break does not count as labeling.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Sequence
 
-from ichal.state import JsonStore
+if TYPE_CHECKING:  # ichal.state stores LabelEvents, so it imports this module, not the other way round
+    from ichal.state import StateDB
 
 EventKind = Literal["served", "fetched", "infer", "saved"]
 EVENT_KINDS: tuple[str, ...] = ("served", "fetched", "infer", "saved")
@@ -70,17 +70,17 @@ def measured_times(events: Sequence[LabelEvent], idle_limit_seconds: float) -> l
 
 
 class EventLog:
-    """Durable raw event log (JSON list, atomic rewrites): nothing is ever dropped or edited."""
+    """Durable raw event log (the `events` table, one transaction per event): nothing is ever dropped or edited."""
 
-    def __init__(self, path: str | Path):
-        self._store = JsonStore(path, default=list)
+    def __init__(self, state: StateDB):
+        self._state = state
 
     def record(self, client: str, image: str, kind: str, ts: float | None = None) -> LabelEvent:
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
         event = LabelEvent(ts=time.time() if ts is None else ts, client=client, image=image, kind=kind)
-        self._store.update(lambda events: events.append(asdict(event)))
+        self._state.record_event(event)
         return event
 
     def events(self) -> list[LabelEvent]:
-        return [LabelEvent(**e) for e in self._store.read()]
+        return self._state.events()

@@ -1,24 +1,358 @@
-"""Small durable JSON stores shared by the server and its training/scoring subprocesses.
+"""Durable state shared by the server and its training/scoring subprocesses.
 
-Every write is atomic (temp file + rename) under an inter-process file lock, so a crash or a
-concurrent writer never leaves a half-written or lost record (DESIGN.md, Serving).
+`StateDB` keeps annotator events, measured labeling times, check-outs, training runs and calibration
+records in one SQLite file (WAL, one transaction per event); `JsonStore` keeps small JSON documents
+(the PACS mirror's bookkeeping). A crash or a concurrent writer never leaves a half-written or lost record.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sqlite3
 import threading
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from filelock import FileLock
 
 from ichal.io import atomic_write_bytes
+from ichal.labeling_time import LabelEvent, measured_times
+
+logger = logging.getLogger(__name__)
+
+STATE_DB_NAME = "state.sqlite3"
+SCHEMA_VERSION = 1
+# The JSON files of earlier versions, imported once into a new state.sqlite3 and then renamed `<name>.migrated`.
+LEGACY_JSON_FILES = ("label_events.json", "label_times.json", "checkouts.json", "train_status.json")
+# Another process holding the write lock (a save, a training-progress update) is waited for, not failed on.
+BUSY_TIMEOUT_SECONDS = 10.0
+
+_SCHEMA = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    client TEXT NOT NULL,
+    image TEXT NOT NULL,
+    kind TEXT NOT NULL
+);
+CREATE TABLE label_times (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image TEXT NOT NULL,
+    client TEXT NOT NULL,
+    started REAL NOT NULL,
+    saved REAL NOT NULL,
+    seconds REAL NOT NULL,
+    boundary_mm REAL NOT NULL,
+    n_components INTEGER NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (image, client, started)
+);
+CREATE TABLE checkouts (
+    image TEXT PRIMARY KEY,
+    client TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE TABLE train_runs (
+    run_id TEXT PRIMARY KEY,
+    state TEXT,
+    pid INTEGER,
+    started REAL,
+    ended REAL,
+    document TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE calibration (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    document TEXT NOT NULL
+);
+"""
+
+_LABEL_TIME_COLUMNS = ("image", "client", "started", "saved", "seconds", "boundary_mm", "n_components")
+_TRAIN_RUN_COLUMNS = ("state", "pid", "started", "ended")
 
 
 class StateError(ValueError):
     """A state file exists but cannot be read; it is left untouched for inspection."""
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One training run: its indexed fields and the rest of its status document."""
+
+    run_id: str
+    state: str | None
+    pid: int | None
+    started: float | None
+    ended: float | None
+    document: dict[str, Any]
+
+    def status(self) -> dict[str, Any]:
+        """The run as one flat dict (the document plus the fields that are set)."""
+        fields = {"state": self.state, "pid": self.pid, "started": self.started, "ended": self.ended}
+        return {**self.document, **{key: value for key, value in fields.items() if value is not None}}
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    id: int
+    ts: float
+    document: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _LegacyRows:
+    """The legacy JSON files as rows, read in full before the database is touched."""
+
+    events: list[LabelEvent]
+    label_times: list[dict[str, Any]]
+    checkouts: list[tuple[str, str, float]]
+    train_status: dict[str, Any]
+    paths: list[Path]
+
+
+class StateDB:
+    """The app's durable state in one SQLite file, safe for several threads and processes at once.
+
+    Each thread of each process has its own connection; every write is one `BEGIN IMMEDIATE`
+    transaction, so a read-then-write (claiming a check-out, merging a train status) sees no
+    concurrent writer between its read and its write.
+    """
+
+    def __init__(self, path: str | Path):
+        """A handle on the database at `path` (each thread connects on first use); `StateDB.open(state_dir)`
+        also creates the schema and imports legacy JSON files."""
+        self.path = Path(path)
+        self._local = threading.local()
+
+    @classmethod
+    def open(cls, state_dir: str | Path) -> "StateDB":
+        """`state_dir/state.sqlite3`, created on first use with the legacy JSON files of `state_dir` imported.
+
+        The import is one transaction; afterwards each imported file is renamed `<name>.migrated`.
+        An unreadable legacy file raises `StateError` naming it, before the database is created.
+        """
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        db = cls(state_dir / STATE_DB_NAME)
+        legacy_paths = [state_dir / name for name in LEGACY_JSON_FILES if (state_dir / name).exists()]
+        if db.path.exists() and db.schema_version() > 0:
+            db._check_version()
+            if legacy_paths:
+                logger.warning(f"not imported, {db.path} already holds the state: {[str(p) for p in legacy_paths]}")
+            return db
+        legacy = _read_legacy(legacy_paths)
+        if db._create(legacy):
+            for path in legacy.paths:
+                path.rename(path.with_name(path.name + ".migrated"))
+            if legacy.paths:
+                logger.info(f"imported {[p.name for p in legacy.paths]} into {db.path}")
+        db._check_version()
+        return db
+
+    # -- connections and transactions ----------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        # A connection must not cross a fork: a forked child opens its own.
+        if connection is None or self._local.pid != os.getpid():
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            # FULL, not NORMAL: in WAL mode NORMAL survives a killed process but may lose the last
+            # commits on power loss; FULL syncs the WAL at every commit, so an acknowledged save stays
+            # saved. Its cost (one fsync per event) is small next to an annotator's minutes per stack.
+            connection.execute("PRAGMA synchronous=FULL")
+            self._local.connection = connection
+            self._local.pid = os.getpid()
+        return connection
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed at the end or rolled back on error; nested calls join the outer one.
+
+        `BEGIN IMMEDIATE` takes the write lock up front, so two processes that read and then write
+        wait for each other instead of one failing with "database is locked".
+        """
+        connection = self._connection()
+        if connection.in_transaction:
+            yield connection
+            return
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+
+    def schema_version(self) -> int:
+        return int(self._connection().execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_version(self) -> None:
+        version = self.schema_version()
+        if version != SCHEMA_VERSION:
+            raise StateError(f"{self.path} has schema version {version}, this ichal reads version {SCHEMA_VERSION}: "
+                             "run the ichal version that wrote it, or move the file aside to start afresh")
+
+    def _create(self, legacy: _LegacyRows) -> bool:
+        """Create the schema and import `legacy`, unless another process did so first; True if this call did."""
+        with self.transaction() as connection:
+            if int(connection.execute("PRAGMA user_version").fetchone()[0]) > 0:
+                return False
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            for event in legacy.events:
+                self.record_event(event)
+            for record in legacy.label_times:
+                self.upsert_label_time(record)
+            connection.executemany("INSERT OR REPLACE INTO checkouts (image, client, ts) VALUES (?, ?, ?)", legacy.checkouts)
+            if legacy.train_status:
+                self.save_train_run("migrated", legacy.train_status)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return True
+
+    # -- annotator events ----------------------------------------------------------------------
+    def record_event(self, event: LabelEvent) -> None:
+        with self.transaction() as connection:
+            connection.execute("INSERT INTO events (ts, client, image, kind) VALUES (?, ?, ?, ?)",
+                               (event.ts, event.client, event.image, event.kind))
+
+    def events(self) -> list[LabelEvent]:
+        """Every event in the order it was recorded."""
+        rows = self._connection().execute("SELECT ts, client, image, kind FROM events ORDER BY id").fetchall()
+        return [LabelEvent(*row) for row in rows]
+
+    # -- measured labeling times ---------------------------------------------------------------
+    def upsert_label_time(self, record: dict[str, Any]) -> None:
+        """Store one measured time; a record with the same image, client and `started` is replaced, not duplicated.
+
+        `record` needs the keys image, client, started, saved, seconds, boundary_mm, n_components;
+        any other keys are kept in `extra`.
+        """
+        missing = [key for key in _LABEL_TIME_COLUMNS if key not in record]
+        if missing:
+            raise ValueError(f"label time record {record} lacks {missing}")
+        extra = {key: value for key, value in record.items() if key not in _LABEL_TIME_COLUMNS}
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT INTO label_times (image, client, started, saved, seconds, boundary_mm, n_components, extra) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (image, client, started) DO UPDATE SET "
+                "saved = excluded.saved, seconds = excluded.seconds, boundary_mm = excluded.boundary_mm, "
+                "n_components = excluded.n_components, extra = excluded.extra",
+                (*(record[key] for key in _LABEL_TIME_COLUMNS), json.dumps(extra, sort_keys=True)),
+            )
+
+    def label_times(self) -> list[dict[str, Any]]:
+        """Every measured time as a dict (the columns plus `extra`'s keys), in the order first saved."""
+        rows = self._connection().execute(
+            f"SELECT {', '.join(_LABEL_TIME_COLUMNS)}, extra FROM label_times ORDER BY id").fetchall()
+        return [{**json.loads(row[-1]), **dict(zip(_LABEL_TIME_COLUMNS, row[:-1]))} for row in rows]
+
+    # -- check-outs ----------------------------------------------------------------------------
+    def live_checkouts(self, now: float, expiry_seconds: float) -> dict[str, str]:
+        """image -> client of every check-out younger than `expiry_seconds` at `now`."""
+        rows = self._connection().execute("SELECT image, client FROM checkouts WHERE ? - ts < ?", (now, expiry_seconds))
+        return dict(rows.fetchall())
+
+    def claim_first_free(self, client: str, candidates: list[str], now: float, expiry_seconds: float) -> str | None:
+        """In one transaction: drop expired check-outs and check out to `client` the first candidate
+        nobody else holds (or `client` already holds); None if all are held by others."""
+        with self.transaction() as connection:
+            connection.execute("DELETE FROM checkouts WHERE ? - ts >= ?", (now, expiry_seconds))
+            for image in candidates:
+                row = connection.execute("SELECT client FROM checkouts WHERE image = ?", (image,)).fetchone()
+                if row is None or row[0] == client:
+                    connection.execute("INSERT OR REPLACE INTO checkouts (image, client, ts) VALUES (?, ?, ?)",
+                                       (image, client, now))
+                    return image
+        return None
+
+    def release_checkout(self, image: str) -> None:
+        with self.transaction() as connection:
+            connection.execute("DELETE FROM checkouts WHERE image = ?", (image,))
+
+    # -- training runs -------------------------------------------------------------------------
+    def save_train_run(self, run_id: str, status: dict[str, Any]) -> None:
+        """Create or replace run `run_id`: state, pid, started and ended go to columns, the rest to `document`."""
+        document = {key: value for key, value in status.items() if key not in _TRAIN_RUN_COLUMNS}
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT INTO train_runs (run_id, state, pid, started, ended, document) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (run_id) DO UPDATE SET state = excluded.state, pid = excluded.pid, "
+                "started = excluded.started, ended = excluded.ended, document = excluded.document",
+                (run_id, *(status.get(key) for key in _TRAIN_RUN_COLUMNS), json.dumps(document, sort_keys=True)),
+            )
+
+    def train_run(self, run_id: str) -> TrainRun | None:
+        row = self._connection().execute(
+            "SELECT run_id, state, pid, started, ended, document FROM train_runs WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else TrainRun(*row[:-1], json.loads(row[-1]))
+
+    def latest_train_run(self) -> TrainRun | None:
+        """The run created last (an update keeps a run's place: it never deletes the row)."""
+        row = self._connection().execute(
+            "SELECT run_id, state, pid, started, ended, document FROM train_runs ORDER BY rowid DESC LIMIT 1").fetchone()
+        return None if row is None else TrainRun(*row[:-1], json.loads(row[-1]))
+
+    # -- calibration ---------------------------------------------------------------------------
+    def append_calibration(self, document: dict[str, Any], ts: float | None = None) -> int:
+        """Store one calibration record; returns its id."""
+        with self.transaction() as connection:
+            cursor = connection.execute("INSERT INTO calibration (ts, document) VALUES (?, ?)",
+                                        (time.time() if ts is None else ts, json.dumps(document, sort_keys=True)))
+            return int(cursor.lastrowid)
+
+    def calibrations(self) -> list[CalibrationRecord]:
+        rows = self._connection().execute("SELECT id, ts, document FROM calibration ORDER BY id").fetchall()
+        return [CalibrationRecord(row[0], row[1], json.loads(row[2])) for row in rows]
+
+
+def _read_legacy(paths: list[Path]) -> _LegacyRows:
+    """Parse the legacy JSON files into rows; `StateError` names the first file that cannot be read."""
+    by_name = {path.name: path for path in paths}
+    documents: dict[str, Any] = {}
+    for path in paths:
+        try:
+            documents[path.name] = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise StateError(f"state file {path} is unreadable ({error}); fix it or move it aside, then start again") from error
+
+    def convert(name: str, default: Any, rows: Callable[[Any], Any]) -> Any:
+        if name not in documents:
+            return default
+        try:
+            return rows(documents[name])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise StateError(f"state file {by_name[name]} has an unexpected layout ({error!r}); "
+                             "fix it or move it aside, then start again") from error
+
+    events = convert("label_events.json", [], lambda document: [
+        LabelEvent(float(e["ts"]), str(e["client"]), str(e["image"]), str(e["kind"])) for e in document])
+    # label_times.json had no `started`: recover it from the session that each save ended.
+    starts = {(m.image, m.client, m.saved): m.started for m in measured_times(events, idle_limit_seconds=1.0)}
+    label_times = convert("label_times.json", [], lambda document: [_legacy_label_time(r, starts) for r in document])
+    checkouts = convert("checkouts.json", [], lambda document: [
+        (str(image), str(c["client"]), float(c["ts"])) for image, c in document.items()])
+    train_status = convert("train_status.json", {}, dict)
+    return _LegacyRows(events, label_times, checkouts, train_status, paths)
+
+
+def _legacy_label_time(record: dict[str, Any], starts: dict[tuple[str, str, float], float]) -> dict[str, Any]:
+    """A label_times.json record with typed fields and a `started` (from `starts`, keyed by image, client, saved).
+
+    Repeated saves of one session wrote identical records (same image, client, saved, seconds); they
+    get the same `started` and so collapse into one row.
+    """
+    image, client, saved, seconds = str(record["image"]), str(record["client"]), float(record["saved"]), float(record["seconds"])
+    # Without the session's events, saved - seconds is the latest the session can have started.
+    started = starts.get((image, client, saved), saved - seconds)
+    return {**record, "image": image, "client": client, "started": started, "saved": saved, "seconds": seconds,
+            "boundary_mm": float(record["boundary_mm"]), "n_components": int(record["n_components"])}
 
 
 class JsonStore:

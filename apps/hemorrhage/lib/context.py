@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -14,11 +15,53 @@ from ichal.checkout import CheckoutRegistry
 from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
 from ichal.io import read_nifti
 from ichal.labeling_time import EventLog, measured_times
-from ichal.state import JsonStore
+from ichal.state import StateDB
 
 from .settings import AppSettings
 
 logger = logging.getLogger(__name__)
+
+
+class LabelTimes:
+    """The measured labeling times, one dict per saved label (image, client, seconds, saved, started,
+    boundary_mm, n_components), as `read()` for the tasks that count or fit them."""
+
+    def __init__(self, state: StateDB):
+        self._state = state
+
+    def read(self) -> list[dict[str, Any]]:
+        return self._state.label_times()
+
+
+class TrainStatus:
+    """The current training run as one dict: `read()`, and `update(fn)` that applies `fn` (in place or
+    returning a new dict) and stores the result in one transaction.
+
+    Each run is one row of `train_runs`: a status with a `run_id` is stored as that run; without one,
+    an update that changes `started` begins a new run and any other updates the current one.
+    """
+
+    def __init__(self, state: StateDB):
+        self._state = state
+
+    def read(self) -> dict[str, Any]:
+        run = self._state.latest_train_run()
+        return run.status() if run is not None else {}
+
+    def update(self, fn: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
+        with self._state.transaction():
+            run = self._state.latest_train_run()
+            status = run.status() if run is not None else {}
+            result = fn(status)
+            status = status if result is None else result
+            if isinstance(status.get("run_id"), str):
+                run_id = status["run_id"]
+            elif run is not None and status.get("started") == run.started:
+                run_id = run.run_id
+            else:
+                run_id = uuid.uuid4().hex
+            self._state.save_train_run(run_id, status)
+        return status
 
 
 @dataclass
@@ -26,11 +69,11 @@ class AppContext:
     settings: AppSettings
 
     def __post_init__(self) -> None:
-        Path(self.settings.state_dir).mkdir(parents=True, exist_ok=True)
-        self.events = EventLog(self.settings.events_path)
-        self.checkouts = CheckoutRegistry(self.settings.checkouts_path, self.settings.checkout_minutes * 60.0)
-        self.label_times = JsonStore(self.settings.label_times_path, default=list)
-        self.train_status = JsonStore(self.settings.train_status_path, default=dict)
+        self.state = StateDB.open(self.settings.state_dir)
+        self.events = EventLog(self.state)
+        self.checkouts = CheckoutRegistry(self.state, self.settings.checkout_minutes * 60.0)
+        self.label_times = LabelTimes(self.state)
+        self.train_status = TrainStatus(self.state)
         self._model_lock = threading.Lock()
         self._model_cache: tuple[float, object] | None = None
 
@@ -56,7 +99,7 @@ class AppContext:
         return LabelTimeModel(min_samples=self.settings.min_time_samples).fit(np.zeros((0, 2)), np.zeros(0))
 
     def record_saved_label(self, image_id: str, client: str, label_path: str) -> dict | None:
-        """Log the save, turn the client's session into measured seconds, refit the time model."""
+        """Log the save, turn the client's session into measured seconds (one record per session), refit the time model."""
         self.events.record(client, image_id, "saved")
         sessions = [m for m in measured_times(self.events.events(), self.settings.idle_limit_seconds)]
         latest = next((m for m in reversed(sessions) if m.image == image_id and m.client == client), None)
@@ -69,14 +112,14 @@ class AppContext:
             "client": client,
             "seconds": latest.seconds,
             "saved": latest.saved,
+            "started": latest.started,
             "boundary_mm": features.boundary_mm,
             "n_components": features.n_components,
         }
 
-        def append(records: list) -> None:
-            records.append(record)
-
-        records = self.label_times.update(append)
+        # A second save after the same serve measures the same session: it updates that record, not adds one.
+        self.state.upsert_label_time(record)
+        records = self.state.label_times()
         model = LabelTimeModel(min_samples=self.settings.min_time_samples).fit(
             [MaskFeatures(r["boundary_mm"], r["n_components"]) for r in records],
             np.array([r["seconds"] for r in records]),
