@@ -23,36 +23,65 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextmanager
-def running_server(studies: str | Path, conf: dict[str, str], log_path: Path, timeout_s: float = 180.0) -> Iterator[str]:
-    """Yield the base URL of a server for `studies`; stop it afterwards. Its log goes to `log_path`."""
-    port = free_port()
+def server_command(studies: str | Path, conf: dict[str, str], port: int, host: str = "127.0.0.1") -> list[str]:
     command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
-               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+               "--studies", str(studies), "--host", host, "--port", str(port)]
     for key, value in conf.items():
         command += ["--conf", key, str(value)]
-    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "OMP_NUM_THREADS": "1"}
+    return command
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def start_server(studies: str | Path, conf: dict[str, str], log_path: Path, timeout_s: float = 180.0,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server for `studies` in a process group of its own and wait until it answers /info/;
+    return the process and its base URL. Its log goes to `log_path`; `env` adds environment variables.
+    The caller stops it (`stop_group`)."""
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            deadline = time.time() + timeout_s
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"server exited with {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
-                try:
-                    if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if time.time() > deadline:
-                    raise RuntimeError(f"server did not answer /info/ within {timeout_s} s; log:\n{log_path.read_text()[-3000:]}")
-                time.sleep(1.0)
-            yield url
-        finally:
-            os.killpg(process.pid, 15)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(server_command(studies, conf, port), stdout=log, stderr=subprocess.STDOUT,
+                                   env=server_env(env), start_new_session=True)
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
             try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                process.wait()
+                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                    return process, url
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not answer /info/ within {timeout_s} s; log:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1.0)
+    except BaseException:
+        stop_group(process)
+        raise
+
+
+@contextmanager
+def running_server(studies: str | Path, conf: dict[str, str], log_path: Path, timeout_s: float = 180.0,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
+    """Yield the base URL of a server for `studies` (see `start_server`); stop it afterwards."""
+    process, url = start_server(studies, conf, log_path, timeout_s, env)
+    try:
+        yield url
+    finally:
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL it after 20 s; a group already gone is fine."""
+    try:
+        os.killpg(process.pid, 15)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()

@@ -20,6 +20,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from ichal.phantom import write_pool
+from ichal.state import StateDB
 from server_fixtures import running_server
 
 pytestmark = pytest.mark.integration
@@ -69,8 +70,10 @@ def wait_for(predicate, timeout_s: float, what: str):
 
 def state_fingerprint(pool: Path) -> dict[str, str]:
     """Hashes of every label file and of the labeling-time records: what bad requests must not touch."""
-    files = sorted((pool / "labels" / "final").glob("*.nii.gz")) + sorted((pool / ".ichal").glob("label_*.json"))
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    files = sorted((pool / "labels" / "final").glob("*.nii.gz"))
+    prints = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    prints["label_times"] = json.dumps(StateDB.open(pool / ".ichal").label_times(), sort_keys=True)
+    return prints
 
 
 def test_info_lists_the_pool_tasks_and_time_model(server, pool):
@@ -167,7 +170,7 @@ def test_saving_a_final_label_records_the_annotators_time(server, pool, tmp_path
     time.sleep(1.5)
     truth = pool / "phantom_truth" / f"{served}.nii.gz"
     bob.save_label(served, str(truth), tag="final")
-    records = json.loads((pool / ".ichal" / "label_times.json").read_text())
+    records = StateDB.open(pool / ".ichal").label_times()
     mine = [r for r in records if r["image"] == served and r["client"] == "bob"]
     assert len(mine) == 1 and 1.0 <= mine[0]["seconds"] < 60.0
     info = bob.info()

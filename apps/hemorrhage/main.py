@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Dict
 
 from monailabel.interfaces.app import MONAILabelApp
@@ -17,13 +18,15 @@ from monailabel.interfaces.datastore import Datastore
 import ichal
 from lib.context import AppContext
 from lib.datastore import HemorrhageDatastore
-from lib.errors import client_error
+from lib.errors import check_image_id, client_error
+from lib.lifeline import die_with_server, kill_stale_subprocess, mark_server_process
 from lib.infers import EnsembleInfer
 from lib.pacs_datastore import PacsDatastore
 from lib.scoring import CommitteeScoring
-from lib.settings import CONF_KEYS, AppSettings
+from lib.settings import CONF_KEYS, AppSettings, check_exposure, server_host
 from lib.strategies import STRATEGY_DESCRIPTIONS, BudgetedStrategy
 from lib.trainers import EnsembleTrain
+from api_guard import install_guarded_routes
 from ohif_route import fix_ohif_route
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ logger = logging.getLogger(__name__)
 class HemorrhageApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         self.settings = AppSettings.from_conf(conf or {}, studies)
+        # In a training/scoring subprocess: end with the server (a no-op in the server itself).
+        die_with_server()
         self.context = AppContext(self.settings)
         super().__init__(
             app_dir=app_dir,
@@ -74,6 +79,17 @@ class HemorrhageApp(MONAILabelApp):
             raise client_error(f"unknown strategy {strategy!r}; available: {sorted(self._strategies)}", 404)
         return super().next_sample({**request, "strategy": strategy})
 
+    def task_names(self, kind: str) -> list[str]:
+        """Names of the app's `kind` tasks ("infer", "train", "scoring", "strategy"), without building /info/."""
+        tasks = {"infer": self._infers, "train": self._trainers, "scoring": self._scoring_methods, "strategy": self._strategies}
+        return sorted(tasks[kind])
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        # Images by datastore id only: MONAI Label would also run on any server path it is given.
+        image_id = check_image_id(request.get("image"))
+        image_uri = (datastore or self.datastore()).get_image_uri(image_id)
+        return super().infer({**request, "image": image_uri, "image_id": image_id}, datastore)
+
     def info(self) -> dict:
         meta = super().info()
         model = self.context.load_model() if self.settings.model_path.exists() else None
@@ -86,11 +102,26 @@ class HemorrhageApp(MONAILabelApp):
         return meta
 
     def on_init_complete(self) -> None:
-        # Only the server process gets here (not the train/scoring subprocesses): fix the bundled OHIF route.
+        # Only the server process gets here (not the train/scoring subprocesses).
         from monailabel.app import app as server
+        from monailabel.config import settings as server_settings
 
+        check_exposure(server_host(sys.argv), server_settings.MONAI_LABEL_AUTH_ENABLE, self.settings.allow_unauthenticated)
+        mark_server_process()
+        self._clean_stale_training()
         fix_ohif_route(server)
+        install_guarded_routes(server, self)
         super().on_init_complete()
+
+    def _clean_stale_training(self) -> None:
+        """A training left RUNNING by a server that died: kill its process if it still lives, mark it stopped."""
+
+        def clean(status: dict) -> None:
+            if status.get("state") == "RUNNING":
+                kill_stale_subprocess(status.get("pid"))
+                status.update(state="STOPPED", error="the server stopped while this training ran", progress=None)
+
+        self.context.train_status.update(clean)
 
     def _on_final_label(self, image_id: str, client: str | None, label_path: str) -> None:
         client = client or self.context.checkouts.holder(image_id) or "anonymous"

@@ -45,7 +45,9 @@ def read_nifti(path: str | Path) -> Volume:
         image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types for corrupt files
-        raise VolumeError(f"cannot read {path.name} as NIfTI: {error}") from error
+        # nibabel's messages quote the full path; only the file's name belongs in what a client sees.
+        reason = str(error).replace(str(path), path.name)
+        raise VolumeError(f"cannot read {path.name} as NIfTI: {reason}") from error
     data = np.squeeze(data)
     if data.ndim != 3:
         raise VolumeError(f"{path.name} has shape {data.shape}; expected a 3D volume")

@@ -16,9 +16,9 @@ from typing import Any, Callable, Dict
 
 import numpy as np
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 
-from ichal.io import VolumeError, atomic_write_bytes, check_label, read_nifti, write_nifti
+from ichal.io import VolumeError, atomic_write_bytes, check_ct_hu, check_label, read_nifti, write_nifti
 
 from .errors import check_image_id, client_error
 
@@ -52,7 +52,64 @@ class HemorrhageDatastore(LocalDatastore):
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
         self._init_from_datastore_file()
+        self._known(image_id)
         return super().get_image_info(image_id)
+
+    def _known(self, image_id: object) -> str:
+        """`image_id` if it is a plain id of an image in this datastore: 400 for path-like ids, 404 for unknown."""
+        check_image_id(image_id)
+        if image_id not in self._datastore.objects:
+            raise client_error(f"unknown image id {image_id!r}", status=404)
+        return str(image_id)
+
+    def _labeled(self, image_id: object, tag: object) -> tuple[str, str]:
+        self._init_from_datastore_file()
+        self._known(image_id)
+        check_image_id(tag)
+        if tag not in self._datastore.objects[image_id].labels:
+            raise client_error(f"image {image_id!r} has no label tagged {tag!r}", status=404)
+        return str(image_id), str(tag)
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return super().get_label_uri(*self._labeled(label_id, label_tag))
+
+    def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
+        return super().get_label_info(*self._labeled(label_id, label_tag))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        label_id, label_tag = self._labeled(label_id, label_tag)
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            self._datastore.objects[label_id].labels[label_tag].info.update(info)
+            self._update_datastore_file(lock=False)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        super().remove_label(*self._labeled(label_id, label_tag))
+
+    def remove_image(self, image_id: str) -> None:
+        self._init_from_datastore_file()
+        super().remove_image(self._known(image_id))
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        """Add an uploaded CT volume under `image_id`: a new plain id, a readable 3D NIfTI in HU, stored
+        re-encoded and atomically, so what is served is exactly what was checked."""
+        check_image_id(image_id)
+        self._init_from_datastore_file()
+        if image_id in self._datastore.objects:
+            raise client_error(f"image id {image_id!r} is taken; choose another id (images are never overwritten)", 409)
+        try:
+            volume = read_nifti(image_filename)
+            check_ct_hu(volume.array, name=f"uploaded image {image_id!r}")
+        except VolumeError as error:
+            raise client_error(f"image rejected: {error}", status=422) from error
+        name = self._filename(image_id, ".nii.gz")
+        write_nifti(volume.array, volume.affine, os.path.join(self._datastore.image_path(), name))
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            info = {**(image_info or {}), "ts": int(time.time()), "name": name}
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=".nii.gz"))
+            self._update_datastore_file(lock=False)
+        return image_id
 
     def _reload_unlocked(self) -> None:
         if os.path.exists(self._datastore_config_path):

@@ -55,7 +55,7 @@ class EnsembleInfer(InferTask):
             )
         except VolumeError as error:
             raise client_error(f"cannot run inference on this image: {error}", 422) from error
-        image_id = os.path.basename(image_path).split(".")[0]
+        image_id = request.get("image_id") or os.path.basename(image_path).split(".")[0]
         holder = self.context.checkouts.holder(image_id)
         if holder is not None:
             self.context.events.record(holder, image_id, "infer")

@@ -22,6 +22,7 @@ from ichal.pacs import PacsError, PacsUnavailable, fetch_series_to_cache, list_c
 from ichal.state import JsonStore
 
 from .datastore import HemorrhageDatastore
+from .errors import client_error
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class PacsDatastore(HemorrhageDatastore):
         if time.time() - self._last_sync >= self.sync_seconds:
             self.sync()
         super().reload()
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        raise client_error("images come from the PACS: store the series there (STOW-RS) and it appears here", 405)
 
     def status(self) -> Dict[str, Any]:
         return {**super().status(), "pacs": self.url, "pending_seg_uploads": len(self._pending.read())}

@@ -55,7 +55,8 @@ def current_scores(datastore: Any, ids: list[str], model: Any) -> dict[str, dict
     scores = {}
     for image_id in ids:
         stored = datastore.get_image_info(image_id).get(SCORE_KEY)
-        if stored and stored.get("model_version") == version:
+        # Anything but our own record (e.g. written by an older client before fields were reserved) is "unscored".
+        if isinstance(stored, dict) and stored.get("model_version") == version:
             scores[image_id] = stored
     return scores
 

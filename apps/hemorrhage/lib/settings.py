@@ -8,6 +8,16 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+def parse_bool(raw: str) -> bool:
+    """`--conf` booleans: true/false, yes/no, 1/0 (any case); anything else is an error, not a silent False."""
+    value = str(raw).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 # key -> (type, default, help). The README's configuration table documents these with examples.
 CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "ensemble_size": (int, 4, "committee members trained per ensemble"),
@@ -26,12 +36,39 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "overlap": (float, 0.25, "sliding-window overlap at inference"),
     "seed": (int, 0, "random seed for training and the random strategies"),
     "pacs_sync_seconds": (float, 30.0, "with a DICOMweb --studies: how often new series and SEGs are pulled from the PACS"),
+    "enable_dataset_download": (parse_bool, False, "offer GET /datastore/dataset (a zip of every image and label) to annotators"),
+    "allow_unauthenticated": (parse_bool, False, "serve on a non-loopback address without MONAI Label's auth (MONAI_LABEL_AUTH_ENABLE)"),
     "state_dir": (str, "", "models, time records, check-outs (default: <datastore>/.ichal, or ~/.cache/ichal/pacs-<url hash>)"),
 }
 
 
 class ConfError(ValueError):
     """A `--conf` value is missing its type or range; the message names the key."""
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def server_host(argv: list[str]) -> str:
+    """The address `monailabel start_server` binds, from its command line (its default is 0.0.0.0)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--host", "-i") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return "0.0.0.0"
+
+
+def check_exposure(host: str, auth_enabled: bool, allow_unauthenticated: bool) -> None:
+    """Refuse to serve patient images on a network address with no authentication, unless told to."""
+    if host in LOOPBACK_HOSTS or host.startswith("127.") or auth_enabled or allow_unauthenticated:
+        return
+    raise ConfError(
+        f"refusing to serve on {host} without authentication: anyone who can reach it could read images and "
+        "write labels. Enable MONAI Label's auth (MONAI_LABEL_AUTH_ENABLE=true with a Keycloak realm, "
+        "see docs/reliability.md), bind 127.0.0.1 behind an authenticating proxy, or pass "
+        "--conf allow_unauthenticated true on a trusted network"
+    )
 
 
 @dataclass(frozen=True)
@@ -52,6 +89,8 @@ class AppSettings:
     overlap: float
     seed: int
     pacs_sync_seconds: float
+    enable_dataset_download: bool
+    allow_unauthenticated: bool
     state_dir: str
 
     @classmethod
@@ -62,7 +101,7 @@ class AppSettings:
             try:
                 values[name] = default if raw in (None, "") else kind(raw)
             except ValueError as error:
-                raise ConfError(f"--conf {name} {raw!r}: expected {kind.__name__}") from error
+                raise ConfError(f"--conf {name} {raw!r}: expected {getattr(kind, '__name__', kind)} ({error})") from error
         settings = cls(**values)  # type: ignore[arg-type]
         settings._check()
         if not settings.state_dir:
@@ -94,21 +133,5 @@ class AppSettings:
         return Path(self.state_dir) / "models" / "ensemble.pt"
 
     @property
-    def train_status_path(self) -> Path:
-        return Path(self.state_dir) / "train_status.json"
-
-    @property
-    def events_path(self) -> Path:
-        return Path(self.state_dir) / "label_events.json"
-
-    @property
-    def label_times_path(self) -> Path:
-        return Path(self.state_dir) / "label_times.json"
-
-    @property
     def time_model_path(self) -> Path:
         return Path(self.state_dir) / "time_model.json"
-
-    @property
-    def checkouts_path(self) -> Path:
-        return Path(self.state_dir) / "checkouts.json"

@@ -33,14 +33,21 @@ logger = logging.getLogger(__name__)
 FEATURE_KEY = "ichal_image_features"
 
 
+MAX_BUDGET_MINUTES = 7 * 24 * 60
+
+
 def budget_seconds_from(request: dict, default_minutes: float) -> float:
+    """The worklist budget in seconds from `budget_minutes` (a number of minutes, at most a week); 400 otherwise."""
     raw = request.get("budget_minutes", default_minutes)
+    if isinstance(raw, bool):
+        # bool is an int in Python: `true` would silently mean 1 minute.
+        raise client_error(f"budget_minutes must be a number of minutes, got {raw!r}")
     try:
         minutes = float(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise client_error(f"budget_minutes must be a number of minutes, got {raw!r}") from None
-    if not math.isfinite(minutes) or minutes <= 0:
-        raise client_error(f"budget_minutes must be a positive, finite number of minutes, got {raw!r}")
+    if not math.isfinite(minutes) or not 0 < minutes <= MAX_BUDGET_MINUTES:
+        raise client_error(f"budget_minutes must be a positive number of minutes up to {MAX_BUDGET_MINUTES} (a week), got {raw!r}")
     return minutes * 60.0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 from monailabel.interfaces.tasks.train import TrainTask
@@ -32,6 +34,25 @@ def _alive(pid: object) -> bool:
     return True
 
 
+MAX_ITERATIONS = 1_000_000
+
+
+def parse_train_request(request: dict, settings: Any) -> tuple[str, int]:
+    """(mode, iterations) of a training request, defaults from `settings`; a 400 naming the bad field.
+
+    Called by the server before it starts the training subprocess, so a bad request is refused at
+    once instead of being accepted and failing later (issue 16, item 6), and again in the subprocess."""
+    mode = request.get("mode", settings.train_mode)
+    if mode not in MODES:
+        raise client_error(f"mode must be one of {list(MODES)}, got {mode!r}")
+    iterations = request.get("iterations", settings.train_iterations)
+    if isinstance(iterations, str) and iterations.strip().isdigit():
+        iterations = int(iterations)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 1 <= iterations <= MAX_ITERATIONS:
+        raise client_error(f"iterations must be a whole number of optimizer steps from 1 to {MAX_ITERATIONS}, got {iterations!r}")
+    return mode, iterations
+
+
 class EnsembleTrain(TrainTask):
     def __init__(self, context: AppContext):
         super().__init__("PatchFCN committee (retrain from scratch or continual fine-tuning)")
@@ -50,13 +71,7 @@ class EnsembleTrain(TrainTask):
 
     def __call__(self, request: dict, datastore: Any) -> dict:
         s = self.context.settings
-        mode = request.get("mode", s.train_mode)
-        if mode not in MODES:
-            raise client_error(f"mode must be one of {MODES}, got {mode!r}")
-        try:
-            iterations = int(request.get("iterations", s.train_iterations))
-        except (TypeError, ValueError):
-            raise client_error(f"iterations must be an integer, got {request.get('iterations')!r}") from None
+        mode, iterations = parse_train_request(request, s)
         datastore.reload()
         labeled = sorted(datastore.get_labeled_images())
         if not labeled:
@@ -75,8 +90,12 @@ class EnsembleTrain(TrainTask):
             lookalike_fraction=s.train_lookalike_fraction, seed=s.seed, device=s.device, spacing_mm=s.model_spacing_mm,
         )
         started = time.time()
-        self._status({"state": "RUNNING", "mode": mode, "stacks": len(items), "started": started, "pid": os.getpid(),
-                      "error": None})
+        run_id = uuid.uuid4().hex
+        # The newest started run owns the model file: an older run still going (an orphan of a killed
+        # server) finds another run_id at its commit and discards its model instead of replacing a newer one.
+        # A fresh document, not a merge: a failing run must not show the previous run's version and metrics.
+        self.context.train_status.update(lambda _: {"state": "RUNNING", "run_id": run_id, "mode": mode, "stacks": len(items),
+                                                    "started": started, "pid": os.getpid(), "error": None, "progress": None})
         last_report = [0.0]
 
         def progress(event: dict) -> None:
@@ -85,21 +104,43 @@ class EnsembleTrain(TrainTask):
                 last_report[0] = time.time()
                 logger.info(f"train member {event['member'] + 1}/{settings.ensemble_size} "
                             f"step {event['iteration']}/{event['iterations']} loss {event['loss']:.4f}")
-                self._status({"state": "RUNNING", "progress": event})
+                self._status({"state": "RUNNING", "progress": event}, run_id)
 
+        candidate = s.model_path.with_name(f"{s.model_path.name}.{run_id}.candidate")
         try:
             model = train_ensemble(items, settings, mode=mode, previous=previous, progress=progress)
-            save_ensemble(model, s.model_path)
+            save_ensemble(model, candidate)
         except BaseException as error:
-            self._status({"state": "FAILED", "error": str(error), "ended": time.time()})
+            candidate.unlink(missing_ok=True)
+            self._status({"state": "FAILED", "error": str(error), "ended": time.time()}, run_id)
             raise
         result = {"state": "DONE", "mode": mode, "stacks": len(items), "version": model.meta.get("version"),
                   "seconds": round(time.time() - started, 1), "metrics": model.meta.get("metrics", {}), "ended": time.time(), "progress": None}
-        self._status(result)
+        if not self._commit(candidate, run_id, result):
+            logger.warning(f"training run {run_id[:8]} was superseded by a newer run: its model is discarded")
+            return {**result, "state": "SUPERSEDED"}
         return result
 
-    def _status(self, update: dict) -> None:
+    def _commit(self, candidate: Path, run_id: str, result: dict) -> bool:
+        """Rename `candidate` over the served model only if `run_id` is still the newest run; checked and
+        renamed under the train-status lock, so no newer run can start in between."""
+        committed = [False]
+
+        def commit(status: dict) -> None:
+            if status.get("run_id") != run_id:
+                candidate.unlink(missing_ok=True)
+                return
+            os.replace(candidate, self.context.settings.model_path)
+            status.update(result)
+            committed[0] = True
+
+        self.context.train_status.update(commit)
+        return committed[0]
+
+    def _status(self, update: dict, run_id: str | None = None) -> None:
+        """Merge `update` into the train status; with `run_id`, only while that run is still the newest."""
         def merge(status: dict) -> None:
-            status.update(update)
+            if run_id is None or status.get("run_id") == run_id:
+                status.update(update)
 
         self.context.train_status.update(merge)
