@@ -255,3 +255,40 @@ def test_kill_9_mid_save_loses_no_acknowledged_save_or_time_record(pool, tmp_pat
         json.loads((pool / "datastore_v2.json").read_text())
     finally:
         stop_group(server)
+
+
+def test_request_threads_never_see_a_half_loaded_datastore(tmp_path):
+    """Reloads (another process changed datastore_v2.json) racing with readers on request threads: every
+    label path a reader resolves is inside the datastore. MONAI Label's reload published the model before
+    setting its base path, and labels were saved under the server's working directory."""
+    from lib.datastore import HemorrhageDatastore
+
+    write_pool(tmp_path, count=3, size=32, seed=1, progress=False)
+    store = HemorrhageDatastore(str(tmp_path), extensions=("*.nii.gz",), auto_reload=False)
+    outside: list[str] = []
+    stop = threading.Event()
+
+    def reload_forever() -> None:
+        while not stop.is_set():
+            store._config_ts = 0.0  # as if another process had written the file
+            store.reload()
+
+    def resolve_forever() -> None:
+        while not stop.is_set():
+            path = store._datastore.label_path("final")
+            if not path.startswith(str(tmp_path)):
+                outside.append(path)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race needs a switch between two lines
+    threads = [threading.Thread(target=reload_forever), threading.Thread(target=resolve_forever)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        sys.setswitchinterval(interval)
+    assert outside == []

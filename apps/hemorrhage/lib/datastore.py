@@ -114,9 +114,25 @@ class HemorrhageDatastore(LocalDatastore):
     def _reload_unlocked(self) -> None:
         if os.path.exists(self._datastore_config_path):
             with open(self._datastore_config_path) as handle:
-                self._datastore = LocalDatastoreModel.model_validate_json(handle.read())
-            self._datastore.base_path = self._datastore_path
+                model = LocalDatastoreModel.model_validate_json(handle.read())
+            # Complete before it is published: request threads read `self._datastore` without the lock, and
+            # MONAI Label's version assigns it before setting base_path, so a reader in between resolved
+            # label paths against the working directory and saved labels outside the datastore.
+            model.base_path = self._datastore_path
+            self._datastore = model
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        """Reload datastore_v2.json when another process changed it (an mtime check under the file lock)."""
+        try:
+            with FileLock(self._lock_file):
+                if os.path.exists(self._datastore_config_path) and os.stat(self._datastore_config_path).st_mtime != self._config_ts:
+                    self._reload_unlocked()
+        except ValueError as error:
+            # As MONAI Label does: keep serving the last good state rather than failing every request.
+            logger.error(f"datastore file unreadable, keeping the last good state: {error}")
+            if throw_exception:
+                raise
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         def write() -> None:
