@@ -19,6 +19,7 @@ from ichal.config import DEFAULT_CONFIG
 from ichal.cost import mask_features
 from ichal.ensemble import predict_stack
 from ichal.io import read_nifti
+from ichal.selection import cheap_image_features
 from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
 
 from .context import AppContext
@@ -26,6 +27,7 @@ from .context import AppContext
 logger = logging.getLogger(__name__)
 
 SCORE_KEY = "ichal"
+FEATURE_KEY = "ichal_image_features"
 
 
 def score_stack(model: Any, image_path: str, context: AppContext) -> dict:
@@ -53,26 +55,56 @@ def current_scores(datastore: Any, ids: list[str], model: Any) -> dict[str, dict
         return {}
     version = model.meta["version"]
     scores = {}
-    for image_id in ids:
-        stored = datastore.get_image_info(image_id).get(SCORE_KEY)
+    for image_id, info in datastore.image_infos(ids).items():
+        stored = info.get(SCORE_KEY)
         # Anything but our own record (e.g. written by an older client before fields were reserved) is "unscored".
         if isinstance(stored, dict) and stored.get("model_version") == version:
             scores[image_id] = stored
     return scores
 
 
+def image_features(datastore: Any, ids: list[str], store_every: int = 0) -> dict[str, list[float]]:
+    """Cheap image features (cold start's k-center space) of `ids`, kept in each image's info: those
+    missing are computed and stored, in one datastore write, or every `store_every` stacks when given
+    (so a long run in a subprocess loses nothing when interrupted)."""
+    features = {i: info[FEATURE_KEY] for i, info in datastore.image_infos(ids).items() if FEATURE_KEY in info}
+    missing = [i for i in ids if i not in features]
+    pending: dict[str, dict] = {}
+    for image_id in tqdm(missing, desc="image features", unit="stack", disable=len(missing) < 20):
+        features[image_id] = cheap_image_features(read_nifti(datastore.get_image_uri(image_id)).array).tolist()
+        pending[image_id] = {FEATURE_KEY: features[image_id]}
+        if store_every and len(pending) >= store_every:
+            datastore.update_image_infos(pending)
+            pending = {}
+    if pending:
+        datastore.update_image_infos(pending)
+    return features
+
+
+def scoring_needed(datastore: Any, model: Any) -> bool:
+    """Whether a scoring run has work: an unlabeled stack without image features, or, with a model,
+    without the current model's scores."""
+    unlabeled = datastore.get_unlabeled_images()
+    infos = datastore.image_infos(unlabeled)
+    if any(FEATURE_KEY not in info for info in infos.values()):
+        return True
+    return model is not None and len(current_scores(datastore, unlabeled, model)) < len(unlabeled)
+
+
 class CommitteeScoring(ScoringMethod):
     def __init__(self, context: AppContext):
-        super().__init__("Committee disagreement (Jensen-Shannon, top-K patches) and predicted labeling time")
+        super().__init__("Image features for cold start; committee disagreement (Jensen-Shannon, top-K patches) and predicted labeling time")
         self.context = context
 
     def __call__(self, request: dict, datastore: Any) -> dict:
+        datastore.reload()
+        unlabeled = sorted(datastore.get_unlabeled_images())
+        # Cold start's features are computed here, in the background, not in an annotator's request.
+        image_features(datastore, unlabeled, store_every=10)
         model = self.context.load_model()
         if model is None:
             logger.info("committee scoring skipped: no trained model yet")
             return {"scored": 0, "skipped": 0, "reason": "no trained model yet"}
-        datastore.reload()
-        unlabeled = sorted(datastore.get_unlabeled_images())
         todo = [i for i in unlabeled if i not in current_scores(datastore, unlabeled, model)]
         logger.info(f"committee scoring: {len(todo)} of {len(unlabeled)} unlabeled stacks need model {model.meta['version'][:12]}")
         started = time.time()

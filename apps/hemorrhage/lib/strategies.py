@@ -13,11 +13,9 @@ from typing import Any, Callable
 import numpy as np
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from ichal.io import read_nifti
 from ichal.selection import (
     Selection,
     acft_select,
-    cheap_image_features,
     cold_start_select,
     knapsack_select,
     random_select,
@@ -26,11 +24,9 @@ from ichal.selection import (
 
 from .context import AppContext
 from .errors import client_error
-from .scoring import SCORE_KEY, current_scores
+from .scoring import SCORE_KEY, current_scores, image_features
 
 logger = logging.getLogger(__name__)
-
-FEATURE_KEY = "ichal_image_features"
 
 
 MAX_BUDGET_MINUTES = 7 * 24 * 60
@@ -130,25 +126,20 @@ class BudgetedStrategy(Strategy):
             "uncertainty": lambda: uncertainty_select(values, seconds, budget_seconds),
             "random": lambda: random_select(seconds, budget_seconds, rng, values=values),
             "acft": lambda: acft_select(self._acft(ids, datastore), seconds, budget_seconds, rng),
-            "cold_start": lambda: cold_start_select(self._image_features(ids, datastore), seconds, budget_seconds, rng),
+            "cold_start": lambda: cold_start_select(self._feature_matrix(ids, datastore), seconds, budget_seconds, rng),
         }
         return selectors[self.name]()
 
     @staticmethod
-    def _acft(ids: list[str], datastore: Any) -> np.ndarray:
-        return np.array([datastore.get_image_info(i)[SCORE_KEY]["acft"] for i in ids])
+    def _feature_matrix(ids: list[str], datastore: Any) -> np.ndarray:
+        """Rows of cheap image features in `ids` order; the scoring task usually computed them already."""
+        features = image_features(datastore, ids)
+        return np.array([features[i] for i in ids], dtype=np.float64)
 
     @staticmethod
-    def _image_features(ids: list[str], datastore: Any) -> np.ndarray:
-        """Cheap per-image features for cold start, computed once per image and kept in its info."""
-        rows = []
-        for image_id in ids:
-            cached = datastore.get_image_info(image_id).get(FEATURE_KEY)
-            if cached is None:
-                cached = cheap_image_features(read_nifti(datastore.get_image_uri(image_id)).array).tolist()
-                datastore.update_image_info(image_id, {FEATURE_KEY: cached})
-            rows.append(cached)
-        return np.array(rows, dtype=np.float64)
+    def _acft(ids: list[str], datastore: Any) -> np.ndarray:
+        infos = datastore.image_infos(ids)
+        return np.array([infos[i][SCORE_KEY]["acft"] for i in ids])
 
 
 STRATEGY_DESCRIPTIONS = {
