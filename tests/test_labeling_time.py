@@ -89,3 +89,13 @@ def test_a_client_asking_again_keeps_its_own_stack(tmp_path):
     registry = CheckoutRegistry(StateDB.open(tmp_path), expiry_seconds=60)
     assert registry.checkout_first_free("a", ["ct_1"], now=0) == "ct_1"
     assert registry.checkout_first_free("a", ["ct_1"], now=5) == "ct_1"
+
+
+def test_events_of_one_client_on_one_image(tmp_path):
+    log = EventLog(StateDB.open(tmp_path))
+    for client, image, kind in [("a", "ct_1", "served"), ("b", "ct_1", "served"), ("a", "ct_2", "served"), ("a", "ct_1", "saved")]:
+        log.record(client, image, kind)
+    assert [(e.client, e.image, e.kind) for e in log.events("a", "ct_1")] == [("a", "ct_1", "served"), ("a", "ct_1", "saved")]
+    assert len(log.events()) == 4
+    with pytest.raises(ValueError, match="both client and image"):
+        log.events("a")

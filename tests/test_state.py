@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ichal.checkout import CheckoutRegistry
-from ichal.io import write_nifti
+from ichal.io import Volume
 from ichal.labeling_time import EventLog, LabelEvent
 from ichal.state import STATE_DB_NAME, StateDB, StateError
 
@@ -227,9 +227,7 @@ def test_three_saves_after_one_serve_give_one_updated_time_record(context, tmp_p
     for size in (2, 4, 6):
         label = np.zeros((4, 16, 16), np.uint8)
         label[1:3, 4:4 + size, 4:4 + size] = 1
-        path = tmp_path / f"label_{size}.nii.gz"
-        write_nifti(label, np.eye(4), path)
-        boundaries.append(context.record_saved_label("ct_1", "a", str(path))["boundary_mm"])
+        boundaries.append(context.record_saved_label("ct_1", "a", Volume(label, np.eye(4)))["boundary_mm"])
     records = context.label_times.read()
     assert len(records) == 1
     assert records[0]["boundary_mm"] == boundaries[-1] != boundaries[0]

@@ -17,6 +17,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.utils.async_tasks.utils import tasks as async_tasks
 
 import ichal
+from ichal.io import Volume
 from lib.context import AppContext
 from lib.datastore import HemorrhageDatastore
 from lib.errors import check_image_id, client_error
@@ -134,7 +135,6 @@ class HemorrhageApp(MONAILabelApp):
 
         self.context.train_status.update(clean)
 
-    def _on_final_label(self, image_id: str, client: str | None, label_path: str) -> None:
+    def _on_final_label(self, image_id: str, client: str | None, label: Volume) -> None:
         client = client or self.context.checkouts.holder(image_id) or "anonymous"
-        self.context.record_saved_label(image_id, client, label_path)
-        self.context.checkouts.release(image_id)
+        self.context.record_saved_label(image_id, client, label)

@@ -54,6 +54,22 @@ def read_nifti(path: str | Path) -> Volume:
     return Volume(array=np.ascontiguousarray(np.transpose(data, (2, 1, 0))), affine=image.affine.copy())
 
 
+def read_nifti_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """The (Z, Y, X) shape and affine of a 3D NIfTI file, read from its header only (no voxels):
+    what `read_nifti(path)` would give as `array.shape` and `affine`. Raises `VolumeError` like it."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(f"no such file: {path.name}")
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises many types for corrupt files
+        raise VolumeError(f"cannot read {path.name} as NIfTI: {str(error).replace(str(path), path.name)}") from error
+    shape = tuple(int(d) for d in image.shape if d != 1)
+    if len(shape) != 3:
+        raise VolumeError(f"{path.name} has shape {tuple(image.shape)}; expected a 3D volume")
+    return shape[::-1], image.affine.copy()
+
+
 def check_ct_hu(array: np.ndarray, name: str = "volume") -> None:
     """Raise `VolumeError` unless `array` looks like a 3D CT in Hounsfield units."""
     if array.ndim != 3:

@@ -82,5 +82,6 @@ class EventLog:
         self._state.record_event(event)
         return event
 
-    def events(self) -> list[LabelEvent]:
-        return self._state.events()
+    def events(self, client: str | None = None, image: str | None = None) -> list[LabelEvent]:
+        """All events, or (with both) one client's events on one image."""
+        return self._state.events(client, image)

@@ -40,6 +40,7 @@ CREATE TABLE events (
     image TEXT NOT NULL,
     kind TEXT NOT NULL
 );
+CREATE INDEX events_by_client_image ON events (client, image);
 CREATE TABLE label_times (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     image TEXT NOT NULL,
@@ -222,9 +223,15 @@ class StateDB:
             connection.execute("INSERT INTO events (ts, client, image, kind) VALUES (?, ?, ?, ?)",
                                (event.ts, event.client, event.image, event.kind))
 
-    def events(self) -> list[LabelEvent]:
-        """Every event in the order it was recorded."""
-        rows = self._connection().execute("SELECT ts, client, image, kind FROM events ORDER BY id").fetchall()
+    def events(self, client: str | None = None, image: str | None = None) -> list[LabelEvent]:
+        """Every event in the order it was recorded; with `client` and `image`, only that pair's (indexed:
+        a save measures its session from these alone, however long the history grows)."""
+        query, args = "SELECT ts, client, image, kind FROM events", ()
+        if client is not None and image is not None:
+            query, args = query + " WHERE client = ? AND image = ?", (client, image)
+        elif client is not None or image is not None:
+            raise ValueError("filter events by both client and image, or by neither")
+        rows = self._connection().execute(query + " ORDER BY id", args).fetchall()
         return [LabelEvent(*row) for row in rows]
 
     # -- measured labeling times ---------------------------------------------------------------

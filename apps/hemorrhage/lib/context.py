@@ -13,7 +13,7 @@ import numpy as np
 
 from ichal.checkout import CheckoutRegistry
 from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
-from ichal.io import read_nifti
+from ichal.io import Volume
 from ichal.labeling_time import EventLog, measured_times
 from ichal.state import StateDB
 
@@ -98,28 +98,33 @@ class AppContext:
             return LabelTimeModel.load(self.settings.time_model_path)
         return LabelTimeModel(min_samples=self.settings.min_time_samples).fit(np.zeros((0, 2)), np.zeros(0))
 
-    def record_saved_label(self, image_id: str, client: str, label_path: str) -> dict | None:
-        """Log the save, turn the client's session into measured seconds (one record per session), refit the time model."""
-        self.events.record(client, image_id, "saved")
-        sessions = [m for m in measured_times(self.events.events(), self.settings.idle_limit_seconds)]
-        latest = next((m for m in reversed(sessions) if m.image == image_id and m.client == client), None)
-        if latest is None:
-            return None
-        label = read_nifti(label_path)
+    def record_saved_label(self, image_id: str, client: str, label: Volume) -> dict | None:
+        """A final label was saved: log it, end the stack's check-out, turn the client's session into
+        measured seconds (one record per session), refit the time model. `label`: the saved mask, whose
+        boundary and components are the time model's features. Returns the time record, None when the
+        save followed no serve (nothing to measure)."""
         features = mask_features(label.array.astype(np.float32), label.spacing_mm)
-        record = {
-            "image": image_id,
-            "client": client,
-            "seconds": latest.seconds,
-            "saved": latest.saved,
-            "started": latest.started,
-            "boundary_mm": features.boundary_mm,
-            "n_components": features.n_components,
-        }
-
-        # A second save after the same serve measures the same session: it updates that record, not adds one.
-        self.state.upsert_label_time(record)
-        records = self.state.label_times()
+        # One transaction (one sync) for the event, the time record and the check-out: all or none.
+        with self.state.transaction():
+            self.events.record(client, image_id, "saved")
+            self.checkouts.release(image_id)
+            # A session involves only this client's events on this image: no need to replay the whole history.
+            sessions = measured_times(self.events.events(client, image_id), self.settings.idle_limit_seconds)
+            if not sessions:
+                return None
+            latest = sessions[-1]
+            record = {
+                "image": image_id,
+                "client": client,
+                "seconds": latest.seconds,
+                "saved": latest.saved,
+                "started": latest.started,
+                "boundary_mm": features.boundary_mm,
+                "n_components": features.n_components,
+            }
+            # A second save after the same serve measures the same session: it updates that record, not adds one.
+            self.state.upsert_label_time(record)
+            records = self.state.label_times()
         model = LabelTimeModel(min_samples=self.settings.min_time_samples).fit(
             [MaskFeatures(r["boundary_mm"], r["n_components"]) for r in records],
             np.array([r["seconds"] for r in records]),

@@ -20,7 +20,16 @@ import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 
-from ichal.io import VolumeError, atomic_write_bytes, check_ct_hu, check_label, read_nifti, write_nifti
+from ichal.io import (
+    Volume,
+    VolumeError,
+    atomic_write_bytes,
+    check_ct_hu,
+    check_label,
+    read_nifti,
+    read_nifti_grid,
+    write_nifti,
+)
 
 from .errors import check_image_id, client_error
 
@@ -28,9 +37,10 @@ logger = logging.getLogger(__name__)
 
 
 class HemorrhageDatastore(LocalDatastore):
-    """`on_final_label(image_id, client_id, label_path)` is called after a final label is stored."""
+    """`on_final_label(image_id, client_id, label)` is called after a final label is stored (`label`: the
+    stored mask on the image's grid)."""
 
-    on_final_label: Callable[[str, str | None, str], None] | None = None
+    on_final_label: Callable[[str, str | None, Volume], None] | None = None
     # Request threads queue on this before taking the inter-process file lock: filelock makes threads of
     # one process that wait for it poll with 50 ms sleeps, which under 8 annotators was a third of a save.
     _thread_lock = threading.RLock()
@@ -62,6 +72,12 @@ class HemorrhageDatastore(LocalDatastore):
         with self._locked():
             self._reload_if_changed()
             super()._reconcile_datastore()
+
+    def has_final_label(self, image_id: str) -> bool:
+        """Whether `image_id` has a final label now (after what other processes and threads stored)."""
+        self._init_from_datastore_file()
+        obj = self._datastore.objects.get(image_id)
+        return obj is not None and "final" in obj.labels
 
     def image_infos(self, image_ids: list[str]) -> dict[str, Dict[str, Any]]:
         """The info dicts of `image_ids` (all known), from one reload instead of one per image."""
@@ -167,7 +183,13 @@ class HemorrhageDatastore(LocalDatastore):
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
     def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
-        """Reload datastore_v2.json when another process changed it (an mtime check under the file lock)."""
+        """Reload datastore_v2.json when another process changed it. Unchanged (the common case) is a stat
+        without the lock: readers do not queue behind a writer for nothing."""
+        try:
+            if os.stat(self._datastore_config_path).st_mtime == self._config_ts:
+                return
+        except FileNotFoundError:
+            return
         try:
             with self._locked():
                 self._reload_if_changed()
@@ -212,16 +234,16 @@ class HemorrhageDatastore(LocalDatastore):
         check_image_id(label_tag)
         try:
             label = read_nifti(label_filename)
-            image = read_nifti(image_uri)
-            mask = check_label(label.array, image.array.shape, name=f"label for {image_id!r}")
+            image_shape, image_affine = read_nifti_grid(image_uri)
+            mask = check_label(label.array, image_shape, name=f"label for {image_id!r}")
         except VolumeError as error:
             raise client_error(f"label rejected: {error}", status=422) from error
-        if not np.allclose(label.affine, image.affine, atol=1e-3):
+        if not np.allclose(label.affine, image_affine, atol=1e-3):
             logger.info(f"label for {image_id} has a different affine; storing it on the image's grid")
         name = self._filename(image_id, ".nii.gz")
         label_path = os.path.join(self._datastore.label_path(label_tag), name)
         # Re-encoded on the image's grid and written atomically: what is stored is exactly what was checked.
-        write_nifti(mask, image.affine, label_path)
+        write_nifti(mask, image_affine, label_path)
         with self._locked():
             self._reload_if_changed()
             info = {**(label_info or {}), "ts": int(time.time()), "name": name}
@@ -229,5 +251,5 @@ class HemorrhageDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         if label_tag == "final" and self.on_final_label is not None:
             client = (label_info or {}).get("client_id")
-            self.on_final_label(image_id, str(client) if client else None, label_path)
+            self.on_final_label(image_id, str(client) if client else None, Volume(mask, image_affine))
         return image_id
