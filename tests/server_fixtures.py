@@ -85,3 +85,14 @@ def stop_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)
         process.wait()
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    """The first truthy value of `predicate()`, polled every `poll_s`; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from monailabel.client.client import MONAILabelClientException
 
 from ichal.phantom import write_pool
 from ichal.state import StateDB
-from server_fixtures import running_server
+from server_fixtures import running_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,16 +55,6 @@ def client(server: str, name: str, tmp_path: Path) -> MONAILabelClient:
 
 def status_of(error: MONAILabelClientException) -> int:
     return int(str(error.msg).split("Status: ")[1].split(";")[0])
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def state_fingerprint(pool: Path) -> dict[str, str]:

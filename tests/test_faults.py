@@ -5,7 +5,6 @@ nothing here is mocked. Unit tests of the pieces come first, then the server sce
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from monailabel.client.client import MONAILabelClientException
 
 from ichal.phantom import write_pool
 from ichal.state import StateDB
-from server_fixtures import APP_DIR, free_port, running_server, server_command, server_env, start_server, stop_group
+from server_fixtures import APP_DIR, free_port, server_command, server_env, start_server, stop_group, wait_for
 
 sys.path.insert(0, str(APP_DIR))
 from lib.context import AppContext  # noqa: E402  (the app's own package, as the server imports it)
@@ -42,16 +41,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 # -- the pieces -------------------------------------------------------------------------------------

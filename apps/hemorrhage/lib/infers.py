@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
