@@ -11,6 +11,7 @@ import io
 import json
 import sqlite3
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -20,7 +21,7 @@ import pytest
 import requests
 
 from ichal.phantom import write_pool
-from server_fixtures import running_server
+from server_fixtures import running_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +142,8 @@ CASES: dict[str, Case] = {
     "infer_uploaded_file": Case("POST", "/infer/hemorrhage", 400, "by id", {"image": UNLABELED}, files=image_upload(CT)),
     "infer_session": Case("POST", "/infer/hemorrhage", 400, "by id", {"image": UNLABELED, "session_id": "abc"}),
     "infer_huge_client": Case("POST", "/infer/hemorrhage", 400, "maximum size", {"image": UNLABELED}, form={"params": json.dumps({"client_id": HUGE_CLIENT})}),
+    "infer_wsi_server_path": Case("POST", "/infer/wsi_v2/hemorrhage", 403, "not offered", json_body={"image": "/etc/hostname"}),
+    "infer_wsi_deprecated": Case("POST", "/infer/wsi/hemorrhage", 403, "not offered", {"image": "/etc/hostname"}, json_body={}),
     # Label saves.
     "label_traversal": Case("PUT", "/datastore/label", 400, "never paths", {"image": "../x"}, files=label_upload(lambda s: np.zeros(s, np.uint8))),
     "label_unknown_image": Case("PUT", "/datastore/label", 404, "unknown image id", {"image": "ct_4242"},
@@ -230,6 +233,20 @@ def test_bad_requests_leave_no_uploads_behind_and_next_sample_still_works(server
     for strategy in ("random", "cold_start"):
         answer = requests.post(f"{server}/activelearning/{strategy}", json={"client_id": "after", "budget_minutes": 60}, timeout=120)
         assert answer.status_code == 200 and answer.json()["id"], answer.text[:300]
+
+
+def test_the_dataset_zip_when_enabled_holds_the_labeled_stacks_and_is_not_left_behind(pool, tmp_path):
+    server_tmp = tmp_path / "tmp"
+    server_tmp.mkdir()
+    conf = {**CONF, "enable_dataset_download": "true"}
+    with running_server(pool, conf, tmp_path / "server.log", env={"TMPDIR": str(server_tmp)}) as url:
+        response = requests.get(f"{url}/datastore/dataset", timeout=120)
+        assert response.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            names = archive.namelist()
+        assert "metadata.json" in names and f"label/{LABELED}.nii.gz" in names
+        # Removed once sent (a background task after the response): give it a moment.
+        wait_for(lambda: not [p for p in server_tmp.rglob("*") if p.is_file() and zipfile.is_zipfile(p)], 10, "the zip's removal")
 
 
 def test_the_matrix_is_wide_enough():

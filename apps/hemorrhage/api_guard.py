@@ -10,8 +10,8 @@ and are `async` functions that block the event loop, so one annotator's request 
   - keep each upload in a private temp folder that is removed whatever happens;
   - refuse image-info fields the app writes itself (scores, features, check-out stamps);
   - validate training and scoring requests before a subprocess starts (not after it fails);
-  - switch off what this app does not use: sessions (and their archive uncompress), model upload,
-    and the dataset zip unless `--conf enable_dataset_download true`;
+  - switch off what this app does not use: sessions (and their archive uncompress), model upload, whole-slide
+    infer, and the dataset zip unless `--conf enable_dataset_download true`;
   - are plain `def` handlers, which FastAPI runs in its thread pool: requests no longer queue
     behind each other on the event loop.
 Each then calls monailabel's own function for the work, so behaviour stays MONAI Label's.
@@ -181,6 +181,8 @@ def install_guarded_routes(server: fastapi.FastAPI, app: Any) -> None:
                                "--conf enable_dataset_download true to offer it", 403)
         if limit_cases is not None and limit_cases < 1:
             raise client_error(f"limit_cases must be a positive number of cases, got {limit_cases}")
+        if not datastore().get_labeled_images():
+            raise client_error("no stack has a final label yet: the dataset zip holds labeled stacks only", 409)
         path = datastore().get_dataset_archive(limit_cases)
         # The zip is a temp file of its own: removed once sent, not left behind (issue 16, item 8).
         return FileResponse(path, media_type="application/zip", filename="dataset.zip", background=BackgroundTask(remove_file, path))
@@ -245,6 +247,8 @@ def install_guarded_routes(server: fastapi.FastAPI, app: Any) -> None:
                             "(infer with ?image=<id>); upload new images with PUT /datastore/image?image=<id>")
     no_model_upload = _disabled("the committee is replaced only by training (POST /train/hemorrhage); "
                                 "uploading or deleting model files is not offered")
+    # MONAI Label's whole-slide (pathology) infer resolves an existing server path without the datastore.
+    no_wsi = _disabled("whole-slide (WSI) inference is not offered by this head-CT app: use POST /infer/<model>?image=<id>")
     routes: list[tuple[str, list[str], Callable[..., Any]]] = [
         ("/datastore/", ["PUT"], add_image),
         ("/datastore/image", ["PUT"], add_image),
@@ -257,6 +261,8 @@ def install_guarded_routes(server: fastapi.FastAPI, app: Any) -> None:
         ("/datastore/label", ["GET"], download_label),
         ("/info/", ["GET"], app_info),
         ("/infer/{model}", ["POST"], run_inference),
+        ("/infer/wsi/{model}", ["POST"], no_wsi),
+        ("/infer/wsi_v2/{model}", ["POST"], no_wsi),
         ("/activelearning/{strategy}", ["POST"], next_sample),
         ("/train/{model}", ["POST"], train_model),
         ("/train/", ["POST"], train_all),
