@@ -162,6 +162,11 @@ def test_saving_a_final_label_records_the_annotators_time(server, pool, tmp_path
     records = StateDB.open(pool / ".ichal").label_times()
     mine = [r for r in records if r["image"] == served and r["client"] == "bob"]
     assert len(mine) == 1 and 1.0 <= mine[0]["seconds"] < 60.0
+    # What the app knew when it picked the stack rides with the measured seconds (issue 17's training data).
+    at_serve = mine[0]["at_serve"]
+    assert at_serve["strategy"] == "random" and at_serve["budget_seconds"] == 30 * 60 and at_serve["predicted_seconds"] > 0
+    assert at_serve["model_version"] == bob.info()["ichal"]["model"]["version"]
+    assert at_serve["predicted_boundary_mm"] >= 0 and at_serve["predicted_n_components"] >= 0
     info = bob.info()
     assert info["ichal"]["measured_label_times"] == len(records)
     assert info["ichal"]["time_model"]["n"] == len(records)

@@ -250,3 +250,25 @@ def test_train_status_merges_into_the_current_run_and_a_new_start_opens_a_new_ru
     assert [(state, started) for _, state, started in runs] == [("DONE", 1.0), ("RUNNING", 3.0), ("DONE", 5.0)]
     assert runs[2][0] == "r3"
     assert context.train_status.read() == {"state": "DONE", "run_id": "r3", "started": 5.0, "pid": 13}
+
+
+def test_the_serve_snapshot_is_the_last_serve_before_the_save(tmp_path):
+    db = StateDB.open(tmp_path)
+    db.record_serve(10.0, "a", "ct_1", {"predicted_seconds": 100.0})
+    db.record_serve(20.0, "b", "ct_1", {"predicted_seconds": 200.0})
+    db.record_serve(30.0, "a", "ct_1", {"predicted_seconds": 300.0})
+    assert db.serve_snapshot("a", "ct_1", at_or_before=25.0) == {"predicted_seconds": 100.0}
+    assert db.serve_snapshot("a", "ct_1", at_or_before=35.0) == {"predicted_seconds": 300.0}
+    assert db.serve_snapshot("a", "ct_1", at_or_before=5.0) is None
+    assert db.serve_snapshot("c", "ct_1", at_or_before=35.0) is None
+
+
+def test_a_save_after_a_serve_keeps_what_the_app_knew_at_serve_time(context):
+    served = context.events.record("a", "ct_1", "served", ts=time.time() - 60)
+    context.state.record_serve(served.ts, "a", "ct_1", {"predicted_seconds": 42.0, "model_version": "abc"})
+    label = np.zeros((4, 16, 16), np.uint8)
+    label[1:3, 4:8, 4:8] = 1
+    record = context.record_saved_label("ct_1", "a", Volume(label, np.eye(4)))
+    assert record["at_serve"] == {"predicted_seconds": 42.0, "model_version": "abc"}
+    assert context.label_times.read()[0]["at_serve"]["predicted_seconds"] == 42.0
+

@@ -41,6 +41,14 @@ CREATE TABLE events (
     kind TEXT NOT NULL
 );
 CREATE INDEX events_by_client_image ON events (client, image);
+CREATE TABLE serves (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    client TEXT NOT NULL,
+    image TEXT NOT NULL,
+    snapshot TEXT NOT NULL
+);
+CREATE INDEX serves_by_client_image ON serves (client, image);
 CREATE TABLE label_times (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     image TEXT NOT NULL,
@@ -233,6 +241,22 @@ class StateDB:
             raise ValueError("filter events by both client and image, or by neither")
         rows = self._connection().execute(query + " ORDER BY id", args).fetchall()
         return [LabelEvent(*row) for row in rows]
+
+    # -- what the app knew when it served a stack ---------------------------------------------
+    def record_serve(self, ts: float, client: str, image: str, snapshot: dict[str, Any]) -> None:
+        """Keep `snapshot` (the committee version, predicted-mask features, predicted seconds, strategy)
+        of serving `image` to `client` at `ts`: the time model's training data is what the app saw at
+        pick time, joined to the seconds measured at save."""
+        with self.transaction() as connection:
+            connection.execute("INSERT INTO serves (ts, client, image, snapshot) VALUES (?, ?, ?, ?)",
+                               (ts, client, image, json.dumps(snapshot, sort_keys=True)))
+
+    def serve_snapshot(self, client: str, image: str, at_or_before: float) -> dict[str, Any] | None:
+        """The snapshot of the last serve of `image` to `client` at or before `at_or_before`; None if never served."""
+        row = self._connection().execute(
+            "SELECT snapshot FROM serves WHERE client = ? AND image = ? AND ts <= ? ORDER BY ts DESC, id DESC LIMIT 1",
+            (client, image, at_or_before)).fetchone()
+        return json.loads(row[0]) if row else None
 
     # -- measured labeling times ---------------------------------------------------------------
     def upsert_label_time(self, record: dict[str, Any]) -> None:

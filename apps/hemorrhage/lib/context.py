@@ -122,6 +122,9 @@ class AppContext:
                 "boundary_mm": features.boundary_mm,
                 "n_components": features.n_components,
             }
+            at_serve = self.state.serve_snapshot(client, image_id, latest.saved)
+            if at_serve is not None:
+                record["at_serve"] = at_serve
             # A second save after the same serve measures the same session: it updates that record, not adds one.
             self.state.upsert_label_time(record)
             records = self.state.label_times()

@@ -116,7 +116,8 @@ class BudgetedStrategy(Strategy):
                     break
                 self.context.checkouts.release(next_id)
                 order = [i for i in order if i != next_id]
-            self.context.events.record(client, next_id, "served")
+            served = self.context.events.record(client, next_id, "served")
+            self.context.state.record_serve(served.ts, client, next_id, self._snapshot(next_id, ids, seconds, scores, budget_seconds))
         worklist = [
             {"id": ids[i], "predicted_minutes": round(float(seconds[i]) / 60.0, 2), "value": float(values[i])}
             for i in selection.indices
@@ -131,6 +132,21 @@ class BudgetedStrategy(Strategy):
             "total_value": selection.total_value,
             "time_model": self.context.time_model().describe()["source"],
             "unscored": len(unscored),
+        }
+
+    def _snapshot(self, image_id: str, ids: list[str], seconds: np.ndarray, scores: dict[str, dict], budget_seconds: float) -> dict:
+        """What the app knew when it picked `image_id`: stored with the serve, joined to the measured
+        seconds at save (issue 17: the time model should learn from what it sees at pick time)."""
+        score = scores.get(image_id, {})
+        return {
+            "strategy": self.name,
+            "budget_seconds": budget_seconds,
+            "predicted_seconds": float(seconds[ids.index(image_id)]),
+            "time_model_source": self.context.time_model().describe()["source"],
+            "model_version": score.get("model_version"),
+            "predicted_boundary_mm": score.get("boundary_mm"),
+            "predicted_n_components": score.get("n_components"),
+            "value": score.get("value"),
         }
 
     def _predicted_seconds(self, ids: list[str], scores: dict[str, dict]) -> np.ndarray:
