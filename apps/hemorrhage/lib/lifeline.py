@@ -5,7 +5,8 @@ MONAI Label starts them with a plain Popen and never reaps them when the server 
 item 4). The server exports its pid; each subprocess of ours watches its parent and exits as soon as
 it is no longer that server (it was re-parented). Polling `getppid` is used rather than
 PR_SET_PDEATHSIG because that signal fires when the *thread* that forked exits, and MONAI Label
-forks from a pool thread.
+forks from a pool thread. A subprocess only reaches that watch after its imports (seconds, more on a
+busy machine), so a server asked to stop (SIGTERM, Ctrl+C) also kills its subprocesses itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 logger = logging.getLogger(__name__)
 
 SERVER_PID_ENV = "ICHAL_SERVER_PID"
@@ -24,8 +27,37 @@ SUBPROCESS_MODULE = "monailabel.interfaces.utils.app"
 
 
 def mark_server_process() -> None:
-    """Called once in the server process: its subprocesses inherit the pid to watch."""
+    """Called once in the server process (from its main thread, while uvicorn serves): its subprocesses
+    inherit the pid to watch, and a SIGTERM/SIGINT to the server kills them before uvicorn shuts down."""
     os.environ[SERVER_PID_ENV] = str(os.getpid())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        uvicorn_handler = signal.getsignal(signum)
+        if callable(uvicorn_handler):
+            signal.signal(signum, _killing_subprocesses_first(uvicorn_handler))
+
+
+def _killing_subprocesses_first(handler):
+    def handle(signum, frame) -> None:
+        kill_task_subprocesses()
+        handler(signum, frame)
+
+    return handle
+
+
+def kill_task_subprocesses() -> int:
+    """Kill every task subprocess (with its own children) of this process; how many were killed."""
+    killed = 0
+    for child in psutil.Process().children(recursive=True):
+        if is_app_subprocess(child.pid):
+            for process in [*child.children(recursive=True), child]:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    continue
+            killed += 1
+    if killed:
+        logger.info(f"server stopping: killed {killed} task subprocess(es)")
+    return killed
 
 
 def die_with_server(poll_seconds: float = 1.0) -> bool:
