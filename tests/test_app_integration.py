@@ -137,6 +137,12 @@ def test_cost_sensitive_worklist_fits_the_budget(server, pool, tmp_path):
     assert answer["strategy"] == "cost_sensitive" and answer["unscored"] == 0
     assert answer["total_predicted_minutes"] <= 12 + 1e-9
     assert answer["worklist"] and answer["worklist"][0]["id"] == answer["id"]
+    # The budget holds at the default confidence, under the batch total's interval, not only on average.
+    assert answer["confidence"] == 0.8 and answer["total_minutes_high"] <= 12 + 1e-9
+    for item in answer["worklist"]:
+        assert 0 < item["predicted_minutes_low"] <= item["predicted_minutes"] <= item["predicted_minutes_high"]
+    stricter = client(server, "alice", tmp_path).next_sample("cost_sensitive", {"budget_minutes": 12, "confidence": 0.95})
+    assert stricter["confidence"] == 0.95 and stricter["total_minutes_high"] <= 12 + 1e-9
     assert answer["id"] not in labeled_ids(pool)
 
 
@@ -167,6 +173,9 @@ def test_saving_a_final_label_records_the_annotators_time(server, pool, tmp_path
     assert at_serve["strategy"] == "random" and at_serve["budget_seconds"] == 30 * 60 and at_serve["predicted_seconds"] > 0
     assert at_serve["model_version"] == bob.info()["ichal"]["model"]["version"]
     assert at_serve["predicted_boundary_mm"] >= 0 and at_serve["predicted_n_components"] >= 0
+    assert at_serve["predicted_seconds_low"] <= math.exp(at_serve["served_log_seconds"]) <= at_serve["predicted_seconds_high"]
+    calibration = bob.info()["ichal"]["time_model"]["calibration"]
+    assert calibration["n"] >= 1 and calibration["interval_confidences"] == [0.8]
     info = bob.info()
     assert info["ichal"]["measured_label_times"] == len(records)
     assert info["ichal"]["time_model"]["n"] == len(records)
@@ -217,3 +226,28 @@ def test_bad_requests_get_clear_errors_and_leave_state_intact(server, pool, tmp_
     assert status_of(caught.value) == status and words in str(caught.value.msg)
     assert state_fingerprint(pool) == before
     assert not (pool / "labels" / "final" / f"{target}.nii.gz").exists()
+
+
+def test_a_worklist_is_worked_through_and_its_total_checked_against_the_measured_minutes(tmp_path):
+    """A server of its own: the worklist must not compete with the other tests' check-outs."""
+    pool = tmp_path / "pool"
+    write_pool(pool, count=6, size=48, seed=5, labeled_count=0, progress=False)
+    with running_server(pool, CONF, tmp_path / "server.log") as url:
+        carol = client(url, "carol", tmp_path)
+        first = carol.next_sample("random", {"budget_minutes": 25})
+        planned = [item["id"] for item in first["worklist"]]
+        assert planned and first["id"] == planned[0] and first["total_minutes_high"] <= 25 + 1e-9
+        served = []
+        answer = first
+        while answer["worklist_id"] == first["worklist_id"] and answer["id"] not in served:
+            served.append(answer["id"])
+            carol.save_label(answer["id"], str(pool / "phantom_truth" / f"{answer['id']}.nii.gz"), tag="final")
+            answer = carol.next_sample("random", {"budget_minutes": 25})
+        # The same request continued the worklist as picked, stack by stack; then a new one began.
+        assert served == planned and answer["worklist_id"] != first["worklist_id"]
+        calibration = carol.info()["ichal"]["time_model"]["calibration"]
+        assert calibration["batches"] == 1 and calibration["n"] == len(planned)
+        # Labeled in seconds against a prediction of minutes: far under the total, within the budget.
+        assert calibration["median_batch_error"] < -0.9 and calibration["share_over_budget"] == 0.0
+        other = carol.next_sample("random", {"budget_minutes": 40})
+        assert other["worklist_id"] != answer["worklist_id"]

@@ -195,6 +195,10 @@ CASES: dict[str, Case] = {
     "budget_text": Case("POST", "/activelearning/random", 400, "budget_minutes", json_body={"budget_minutes": "lots"}),
     "budget_negative": Case("POST", "/activelearning/random", 400, "budget_minutes", json_body={"budget_minutes": -5}),
     "budget_nan": Case("POST", "/activelearning/random", 400, "budget_minutes", json_body={"budget_minutes": "nan"}),
+    "confidence_above_one": Case("POST", "/activelearning/random", 400, "confidence", json_body={"confidence": 1.5}),
+    "confidence_zero": Case("POST", "/activelearning/random", 400, "confidence", json_body={"confidence": 0}),
+    "confidence_text": Case("POST", "/activelearning/random", 400, "confidence", json_body={"confidence": "sure"}),
+    "confidence_bool": Case("POST", "/activelearning/random", 400, "confidence", json_body={"confidence": True}),
     "next_sample_huge_client": Case("POST", "/activelearning/random", 413, "KiB", json_body={"client_id": HUGE_CLIENT}),
     "next_sample_client_object": Case("POST", "/activelearning/random", 400, "not a plain name", json_body={"client_id": {"a": 1}}),
     # Training and scoring: refused before a subprocess starts.

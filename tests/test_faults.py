@@ -239,6 +239,8 @@ def test_kill_9_mid_save_loses_no_acknowledged_save_or_time_record(pool, tmp_pat
             truth = np.asarray(nib.load(pool / "phantom_truth" / f"{image}.nii.gz").dataobj)
             np.testing.assert_array_equal(saved, truth)
             assert len([r for r in records if r["image"] == image and r["client"] == client]) == 1
+        # The serve-time predictions behind the time records survive the crash and the restart.
+        assert requests.get(f"{url}/info/", timeout=30).json()["ichal"]["time_model"]["calibration"]["n"] >= len(acknowledged)
         keys = [(r["image"], r["client"], r["started"]) for r in records]
         assert len(keys) == len(set(keys)), "duplicated time records"
         json.loads((pool / "datastore_v2.json").read_text())

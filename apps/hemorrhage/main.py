@@ -18,6 +18,7 @@ from monailabel.utils.async_tasks.utils import tasks as async_tasks
 
 import ichal
 from ichal.io import Volume
+from ichal.time_intervals import calibration_summary
 from lib.context import AppContext
 from lib.datastore import HemorrhageDatastore
 from lib.errors import check_image_id, client_error
@@ -105,9 +106,11 @@ class HemorrhageApp(MONAILabelApp):
     def info(self) -> dict:
         meta = super().info()
         model = self.context.load_model() if self.settings.model_path.exists() else None
+        records = self.context.label_times.read()
         meta["ichal"] = {
-            "time_model": self.context.time_model().describe(),
-            "measured_label_times": len(self.context.label_times.read()),
+            # `calibration`: how the predictions made at serve time held against the measured seconds.
+            "time_model": {**self.context.time_model().describe(), "calibration": calibration_summary(records)},
+            "measured_label_times": len(records),
             "model": None if model is None else {k: model.meta.get(k) for k in ("version", "created", "preset", "train_ids", "metrics")},
             "settings": {key: getattr(self.settings, key) for key in CONF_KEYS},
         }

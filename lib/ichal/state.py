@@ -258,6 +258,12 @@ class StateDB:
             (client, image, at_or_before)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def latest_serve(self, client: str) -> dict[str, Any] | None:
+        """The snapshot of the last serve to `client`; None if nothing was ever served to it."""
+        row = self._connection().execute(
+            "SELECT snapshot FROM serves WHERE client = ? ORDER BY ts DESC, id DESC LIMIT 1", (client,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     # -- measured labeling times ---------------------------------------------------------------
     def upsert_label_time(self, record: dict[str, Any]) -> None:
         """Store one measured time; a record with the same image, client and `started` is replaced, not duplicated.

@@ -16,6 +16,7 @@ from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
 from ichal.io import Volume
 from ichal.labeling_time import EventLog, measured_times
 from ichal.state import StateDB
+from ichal.time_intervals import worklist_summary
 
 from .settings import AppSettings
 
@@ -124,7 +125,7 @@ class AppContext:
             }
             at_serve = self.state.serve_snapshot(client, image_id, latest.saved)
             if at_serve is not None:
-                record["at_serve"] = at_serve
+                record["at_serve"] = worklist_summary(at_serve)
             # A second save after the same serve measures the same session: it updates that record, not adds one.
             self.state.upsert_label_time(record)
             records = self.state.label_times()

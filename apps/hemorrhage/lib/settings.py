@@ -29,6 +29,7 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "train_mode": (str, "retrain", "default training mode: retrain (from scratch) or continual (fine-tune)"),
     "device": (str, "cpu", "torch device for inference, scoring and training (cpu, cuda, cuda:1)"),
     "budget_minutes": (float, 60.0, "default labeling budget of a worklist when a request gives none"),
+    "budget_confidence": (float, 0.8, "probability that a worklist's total labeling time stays within its budget (request parameter confidence)"),
     "checkout_minutes": (float, 30.0, "how long a served stack stays reserved for the annotator it was served to"),
     "idle_limit_seconds": (float, 300.0, "gaps between an annotator's events longer than this count only this much"),
     "unscored_stack_minutes": (float, 10.0, "labeling time assumed for a stack no model has scored, until times are measured"),
@@ -82,6 +83,7 @@ class AppSettings:
     train_mode: str
     device: str
     budget_minutes: float
+    budget_confidence: float
     checkout_minutes: float
     idle_limit_seconds: float
     unscored_stack_minutes: float
@@ -124,6 +126,8 @@ class AppSettings:
             raise ConfError(f"--conf train_mode must be retrain or continual, got {self.train_mode!r}")
         if not 0.0 <= self.train_lookalike_fraction <= 1.0:
             raise ConfError(f"--conf train_lookalike_fraction must be in [0, 1], got {self.train_lookalike_fraction}")
+        if not 0.0 < self.budget_confidence < 1.0:
+            raise ConfError(f"--conf budget_confidence must be strictly between 0 and 1, got {self.budget_confidence}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfError(f"--conf overlap must be in [0, 1), got {self.overlap}")
 

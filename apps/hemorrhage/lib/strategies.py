@@ -1,13 +1,17 @@
 """Active-learning strategies: a budgeted worklist and the next stack for the asking annotator.
 
-Each strategy ranks the unlabeled stacks that nobody else holds, picks a worklist that fits the budget
-(`ichal.selection`), checks its first free stack out to the client and logs that it was served.
+Each strategy ranks the unlabeled stacks that nobody else holds, picks a worklist whose total time stays
+within the budget with the asked confidence (`ichal.selection`, `ichal.time_intervals`), checks its first
+free stack out to the client and logs that it was served with what the app knew. The client's next
+request with the same strategy, budget and confidence continues that worklist until it is labeled.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import uuid
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -22,6 +26,7 @@ from ichal.selection import (
     uncertainty_select,
 )
 
+from ichal.time_intervals import IntervalError, LogErrorModel, check_confidence, log_error_model, select_within_budget_at_confidence
 from .context import AppContext
 from .errors import client_error
 from .scoring import SCORE_KEY, current_scores, image_features
@@ -47,6 +52,37 @@ def budget_seconds_from(request: dict, default_minutes: float) -> float:
     return minutes * 60.0
 
 
+def confidence_from(request: dict, default: float) -> float:
+    """The worklist's confidence (probability that its total time stays within the budget); 400 outside (0, 1)."""
+    raw = request.get("confidence", default)
+    try:
+        return check_confidence(float(raw) if isinstance(raw, str) else raw)
+    except (IntervalError, ValueError):
+        raise client_error(f"confidence must be a probability strictly between 0 and 1 (e.g. 0.8), got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Per-stack labeling seconds: median, expected (bias-corrected mean), and the central interval;
+    `raw_median_seconds` is the time model's own prediction, before recalibration."""
+
+    median_seconds: np.ndarray
+    expected_seconds: np.ndarray
+    low_seconds: np.ndarray
+    high_seconds: np.ndarray
+    errors: LogErrorModel
+
+    raw_median_seconds: np.ndarray
+
+    @classmethod
+    def of(cls, raw_medians: np.ndarray, errors: LogErrorModel, confidence: float) -> "TimeEstimate":
+        """From the time model's raw medians, recalibrated on the served stacks' measured times."""
+        medians = np.exp(errors.adjust(np.log(raw_medians)))
+        low, high = errors.interval(confidence)
+        return cls(medians, medians * errors.mean_factor(), medians * np.exp(low), medians * np.exp(high), errors,
+                   raw_medians)
+
+
 class BudgetedStrategy(Strategy):
     """One named selector (cost_sensitive, uncertainty, random, acft, cold_start) under a time budget."""
 
@@ -68,17 +104,41 @@ class BudgetedStrategy(Strategy):
 
     def __call__(self, request: dict, datastore: Any) -> dict:
         budget_seconds = budget_seconds_from(request, self.context.settings.budget_minutes)
+        confidence = confidence_from(request, self.context.settings.budget_confidence)
         client = str(request.get("client_id") or "anonymous")
         for _ in range(self.CLAIM_ATTEMPTS):
-            answer = self._serve(client, budget_seconds, datastore)
+            answer = self._serve(client, budget_seconds, confidence, datastore)
             if answer is not None:
                 return answer
         raise client_error("every stack of your worklist was just taken by other annotators: ask again", status=409)
 
-    def _serve(self, client: str, budget_seconds: float, datastore: Any) -> dict | None:
-        """Rank, pick the worklist, check its first free stack out to `client`: the answer; {} when no
-        unlabeled stack is free; None when others took every stack of the worklist meanwhile."""
+    def _serve(self, client: str, budget_seconds: float, confidence: float, datastore: Any) -> dict | None:
+        """The client's open worklist continued, or a new one picked: check its first free unlabeled stack
+        out to `client`; the answer. {} when no unlabeled stack is free; None when others took every
+        stack of a new worklist meanwhile."""
         datastore.reload()
+        worklist = self._open_worklist(client, budget_seconds, confidence)
+        if worklist is not None:
+            answer = self._claim(client, worklist, datastore)
+            if answer is not None:
+                return answer
+        worklist = self._new_worklist(client, budget_seconds, confidence, datastore)
+        return worklist if not worklist else self._claim(client, worklist, datastore)
+
+    def _open_worklist(self, client: str, budget_seconds: float, confidence: float) -> dict | None:
+        """The worklist last served to `client` when this request asks for the same one (strategy, budget,
+        confidence): a worklist is worked through as promised, so its total can be checked against the
+        measured minutes (`/info/` time_model.calibration). A different request starts a new worklist."""
+        last = self.context.state.latest_serve(client)
+        worklist = (last or {}).get("worklist")
+        if not worklist or (worklist["strategy"], worklist["budget_seconds"], worklist["confidence"]) != (
+                self.name, budget_seconds, confidence):
+            return None
+        return worklist
+
+    def _new_worklist(self, client: str, budget_seconds: float, confidence: float, datastore: Any) -> dict:
+        """Rank the unlabeled stacks nobody else holds and pick a worklist whose total stays within the
+        budget with probability `confidence`; {} when no unlabeled stack is free."""
         held = self.context.checkouts.held_by_others(client)
         ids = sorted(i for i in datastore.get_unlabeled_images() if i not in held)
         if not ids:
@@ -94,20 +154,62 @@ class BudgetedStrategy(Strategy):
                     "model yet: train (POST /train/hemorrhage), score (POST /scoring/committee), or use 'cold_start'",
                     status=409,
                 )
-        seconds = self._predicted_seconds(ids, scores)
+        estimate = self._time_estimate(ids, scores, confidence)
         values = np.array([scores[i]["value"] if i in scores else 0.0 for i in ids])
-        selection = self._select(ids, values, seconds, budget_seconds, datastore)
-        order = [ids[i] for i in selection.indices]
-        if not order:
+
+        def select(times: np.ndarray, budget: float) -> np.ndarray:
+            return np.asarray(self._select(ids, values, times, budget, datastore).indices, dtype=int)
+
+        picked, _, total_high = select_within_budget_at_confidence(
+            select, estimate.median_seconds, budget_seconds, estimate.errors, confidence, seed=self.context.settings.seed)
+        if not len(picked):
+            quickest = float(estimate.high_seconds.min()) / 60
             raise client_error(
-                f"no unlabeled stack fits a budget of {budget_seconds / 60:.1f} min: the quickest is predicted "
-                f"to take {seconds.min() / 60:.1f} min",
+                f"no unlabeled stack fits a budget of {budget_seconds / 60:.1f} min at confidence {confidence}: the "
+                f"quickest may take up to {quickest:.1f} min; raise budget_minutes or lower confidence",
                 status=422,
             )
+        time_model_source = self.context.time_model().describe()["source"]
+        return {
+            "id": uuid.uuid4().hex,
+            "strategy": self.name,
+            "budget_seconds": budget_seconds,
+            "confidence": confidence,
+            "predicted_seconds": float(estimate.expected_seconds[picked].sum()),
+            "high_seconds": total_high,
+            "time_model_source": time_model_source,
+            "interval_source": "measured" if estimate.errors.empirical else "prior",
+            "unscored": len(unscored),
+            "items": [self._item(ids[i], scores, estimate, i, float(values[i])) for i in picked],
+        }
+
+    @staticmethod
+    def _item(image_id: str, scores: dict[str, dict], estimate: "TimeEstimate", index: int, value: float) -> dict:
+        """One worklist stack as the app saw it when it picked it: kept with its serve and joined to the
+        measured seconds at save (issue 17: the time model learns from what it sees at pick time)."""
+        score = scores.get(image_id, {})
+        return {
+            "id": image_id,
+            "value": value,
+            "model_version": score.get("model_version"),
+            "predicted_boundary_mm": score.get("boundary_mm"),
+            "predicted_n_components": score.get("n_components"),
+            "predicted_seconds": float(estimate.expected_seconds[index]),
+            # Raw: what the next recalibration regresses on; served: what this worklist was built on.
+            "predicted_log_seconds": float(np.log(estimate.raw_median_seconds[index])),
+            "served_log_seconds": float(np.log(estimate.median_seconds[index])),
+            "predicted_seconds_low": float(estimate.low_seconds[index]),
+            "predicted_seconds_high": float(estimate.high_seconds[index]),
+        }
+
+    def _claim(self, client: str, worklist: dict, datastore: Any) -> dict | None:
+        """Check out to `client` the first stack of `worklist` that is unlabeled and free, log the serve with
+        what the app knew; the answer, or None when none is left."""
         # The check-out and its `served` event in one transaction (one sync): never one without the other.
         with self.context.state.transaction():
+            remaining = [item for item in worklist["items"] if not datastore.has_final_label(item["id"])]
             while True:
-                next_id = self.context.checkouts.checkout_first_free(client, order)
+                next_id = self.context.checkouts.checkout_first_free(client, [item["id"] for item in remaining])
                 if next_id is None:
                     return None
                 # Another annotator may have saved it since we ranked: a save stores the label before it
@@ -115,48 +217,51 @@ class BudgetedStrategy(Strategy):
                 if not datastore.has_final_label(next_id):
                     break
                 self.context.checkouts.release(next_id)
-                order = [i for i in order if i != next_id]
+                remaining = [item for item in remaining if item["id"] != next_id]
             served = self.context.events.record(client, next_id, "served")
-            self.context.state.record_serve(served.ts, client, next_id, self._snapshot(next_id, ids, seconds, scores, budget_seconds))
-        worklist = [
-            {"id": ids[i], "predicted_minutes": round(float(seconds[i]) / 60.0, 2), "value": float(values[i])}
-            for i in selection.indices
-        ]
+            item = next(item for item in remaining if item["id"] == next_id)
+            self.context.state.record_serve(served.ts, client, next_id, {
+                **{key: value for key, value in item.items() if key != "id"},
+                "strategy": self.name, "budget_seconds": worklist["budget_seconds"], "confidence": worklist["confidence"],
+                "time_model_source": worklist["time_model_source"], "worklist": worklist,
+            })
         return {
             "id": next_id,
             "strategy": self.name,
             "client_id": client,
-            "budget_minutes": budget_seconds / 60.0,
-            "worklist": worklist,
-            "total_predicted_minutes": round(selection.total_seconds / 60.0, 2),
-            "total_value": selection.total_value,
-            "time_model": self.context.time_model().describe()["source"],
-            "unscored": len(unscored),
+            "budget_minutes": worklist["budget_seconds"] / 60.0,
+            "worklist_id": worklist["id"],
+            # The stacks of the worklist still to label, this one included.
+            "worklist": [
+                {"id": item["id"], "value": item["value"]} | {
+                    name: round(item[f"predicted_{key}"] / 60.0, 2)
+                    for name, key in (("predicted_minutes", "seconds"), ("predicted_minutes_low", "seconds_low"),
+                                      ("predicted_minutes_high", "seconds_high"))}
+                for item in remaining
+            ],
+            # The whole worklist as picked: the promise /info/'s calibration checks against measured minutes.
+            "total_predicted_minutes": round(worklist["predicted_seconds"] / 60.0, 2),
+            "total_minutes_high": round(worklist["high_seconds"] / 60.0, 2),
+            "confidence": worklist["confidence"],
+            "total_value": float(sum(item["value"] for item in worklist["items"])),
+            "time_model": worklist["time_model_source"],
+            "interval_source": worklist["interval_source"],
+            "unscored": worklist["unscored"],
         }
 
-    def _snapshot(self, image_id: str, ids: list[str], seconds: np.ndarray, scores: dict[str, dict], budget_seconds: float) -> dict:
-        """What the app knew when it picked `image_id`: stored with the serve, joined to the measured
-        seconds at save (issue 17: the time model should learn from what it sees at pick time)."""
-        score = scores.get(image_id, {})
-        return {
-            "strategy": self.name,
-            "budget_seconds": budget_seconds,
-            "predicted_seconds": float(seconds[ids.index(image_id)]),
-            "time_model_source": self.context.time_model().describe()["source"],
-            "model_version": score.get("model_version"),
-            "predicted_boundary_mm": score.get("boundary_mm"),
-            "predicted_n_components": score.get("n_components"),
-            "value": score.get("value"),
-        }
-
-    def _predicted_seconds(self, ids: list[str], scores: dict[str, dict]) -> np.ndarray:
-        """Seconds per stack: the time model on committee features; for stacks no model has seen, the
-        median measured labeling time at this site, or `unscored_stack_minutes` before any is measured."""
+    def _time_estimate(self, ids: list[str], scores: dict[str, dict], confidence: float) -> "TimeEstimate":
+        """Median, expected, low and high seconds per stack. Medians: the time model on committee features;
+        for stacks no model has seen, the median measured labeling time at this site, or
+        `unscored_stack_minutes` before any is measured. Spread and bias: the log errors of what the app
+        predicted for the stacks it served before (`ichal.time_intervals`)."""
+        time_model = self.context.time_model()
+        records = self.context.label_times.read()
         features = np.array([[scores[i]["boundary_mm"], scores[i]["n_components"]] for i in ids if i in scores])
-        predicted = iter(self.context.time_model().predict(features) if len(features) else [])
-        measured = [r["seconds"] for r in self.context.label_times.read()]
+        predicted = iter(np.exp(time_model.predict_log(features)) if len(features) else [])
+        measured = [r["seconds"] for r in records]
         unseen = float(np.median(measured)) if measured else self.context.settings.unscored_stack_minutes * 60.0
-        return np.array([next(predicted) if i in scores else unseen for i in ids], dtype=np.float64)
+        medians = np.array([next(predicted) if i in scores else unseen for i in ids], dtype=np.float64)
+        return TimeEstimate.of(medians, log_error_model(records, time_model.residual_std_), confidence)
 
     def _select(self, ids, values, seconds, budget_seconds, datastore) -> Selection:
         rng = np.random.default_rng(self.context.settings.seed + len(ids))

@@ -1,0 +1,240 @@
+"""Labeling-time intervals calibrated on what the app really predicted, and budgets that hold with a
+stated confidence (issue 17).
+
+The residuals are out of sample by construction: each is log(measured seconds) minus the log-median
+the app predicted when it served that stack (`at_serve.predicted_log_seconds`), from the committee's
+predicted mask and the time model of that moment. So they carry every error the worklist really
+meets: predicted-vs-true mask features, a time model fit on fewer labels, and the selection effect of
+the strategy that picked the stack. Before the residuals are taken, the raw predictions are
+recalibrated by a line fit of log(measured) on log(predicted) (slope kept in [MIN_SLOPE, 1]): the
+intercept removes a young committee's systematic error, a slope below 1 shrinks predictions toward their
+mean, which counters the selection effect (a knapsack favours stacks whose time is under-predicted, so
+the further below the mean a prediction lies, the more it is likely to be too low). Intervals are
+split-conformal quantiles of the recalibrated residuals; until `MIN_RESIDUALS` exist, no
+recalibration, and a lognormal with the time model's residual spread stands in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.stats import norm
+
+MIN_RESIDUALS = 10
+MIN_SLOPE = 0.25
+BATCH_DRAWS = 4000
+MIN_DRAWS = 400
+MAX_DRAWN_VALUES = 100_000
+
+
+class IntervalError(ValueError):
+    """Bad input to an interval computation; the message names it."""
+
+
+def check_confidence(confidence: float) -> float:
+    """`confidence` as a float strictly between 0 and 1; IntervalError otherwise."""
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+        raise IntervalError(f"confidence must be a probability strictly between 0 and 1, got {confidence!r}")
+    return float(confidence)
+
+
+@dataclass(frozen=True)
+class LogErrorModel:
+    """The distribution of log(measured / predicted median) seconds: empirical `residuals` when there
+    are at least MIN_RESIDUALS, else normal with standard deviation `fallback_std`."""
+
+    residuals: np.ndarray
+    fallback_std: float
+    intercept: float = 0.0
+    slope: float = 1.0
+
+    @property
+    def empirical(self) -> bool:
+        return len(self.residuals) >= MIN_RESIDUALS
+
+    def adjust(self, predicted_log_seconds: np.ndarray) -> np.ndarray:
+        """Raw predicted log-medians recalibrated on the served stacks' measured times."""
+        return self.intercept + self.slope * np.asarray(predicted_log_seconds, dtype=np.float64)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of the log error; split-conformal (rank ceil((n+1)q)) when empirical."""
+        if not 0.0 < q < 1.0:
+            raise IntervalError(f"quantile level must be in (0, 1), got {q}")
+        if not self.empirical:
+            return float(norm.ppf(q) * self.fallback_std)
+        ordered = np.sort(self.residuals)
+        n = len(ordered)
+        # Conformal ranks: the upper end rounds up, the lower end down, so coverage is at least nominal.
+        rank = math.ceil((n + 1) * q) if q >= 0.5 else math.floor((n + 1) * q)
+        return float(ordered[min(max(rank, 1), n) - 1])
+
+    def interval(self, confidence: float) -> tuple[float, float]:
+        """Central log-error interval holding `confidence` of the mass."""
+        tail = (1.0 - check_confidence(confidence)) / 2.0
+        return self.quantile(tail), self.quantile(1.0 - tail)
+
+    def mean_factor(self) -> float:
+        """E[exp(error)]: median x this is the expected seconds (unbiased for batch sums), with the
+        served stacks' systematic error, e.g. a young committee's under-prediction, corrected."""
+        if self.empirical:
+            return float(np.exp(self.residuals).mean())
+        return math.exp(0.5 * self.fallback_std**2)
+
+    def draws(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """Independent log errors: resampled residuals when empirical, normal otherwise."""
+        if self.empirical:
+            return rng.choice(self.residuals, size=shape, replace=True)
+        return rng.normal(0.0, self.fallback_std, size=shape)
+
+
+def log_error_model(records: Sequence[dict], fallback_std: float) -> LogErrorModel:
+    """From time records (`seconds` and `at_serve.predicted_log_seconds`), the served stacks' log errors."""
+    if not (math.isfinite(fallback_std) and fallback_std >= 0):
+        raise IntervalError(f"fallback_std must be a finite non-negative number, got {fallback_std}")
+    predicted, measured = [], []
+    for record in records:
+        raw = (record.get("at_serve") or {}).get("predicted_log_seconds")
+        if isinstance(raw, (int, float)) and math.isfinite(raw) and record.get("seconds", 0) > 0:
+            predicted.append(raw)
+            measured.append(math.log(record["seconds"]))
+    return fit_log_error_model(np.asarray(predicted), np.asarray(measured), fallback_std)
+
+
+def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fallback_std: float) -> LogErrorModel:
+    """Recalibration line and residuals from pairs of raw predicted and measured log-seconds."""
+    predicted_log = np.asarray(predicted_log, dtype=np.float64)
+    measured_log = np.asarray(measured_log, dtype=np.float64)
+    if len(predicted_log) < MIN_RESIDUALS:
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
+    spread = float(np.var(predicted_log))
+    slope = float(np.cov(predicted_log, measured_log, bias=True)[0, 1] / spread) if spread > 0 else 1.0
+    slope = min(1.0, max(MIN_SLOPE, slope))
+    intercept = float(np.mean(measured_log) - slope * np.mean(predicted_log))
+    residuals = measured_log - (intercept + slope * predicted_log)
+    return LogErrorModel(residuals, float(fallback_std), intercept, slope)
+
+
+def batch_total_quantile(median_seconds: np.ndarray, errors: LogErrorModel, q: float,
+                         rng: np.random.Generator, draws: int = BATCH_DRAWS) -> float:
+    """The q-quantile of a batch's total seconds: sum of median_i * exp(e_i), e_i independent draws."""
+    medians = np.asarray(median_seconds, dtype=np.float64)
+    if medians.size == 0:
+        return 0.0
+    if not np.isfinite(medians).all() or (medians <= 0).any():
+        raise IntervalError("median seconds must be finite and positive")
+    # Keep draws x stacks bounded: a large batch's total is concentrated (its sum averages many errors),
+    # so fewer draws suffice, and a next-sample that bisects over batch sizes stays fast.
+    draws = max(MIN_DRAWS, min(draws, MAX_DRAWN_VALUES // medians.size))
+    totals = (medians[None, :] * np.exp(errors.draws((draws, medians.size), rng))).sum(axis=1)
+    return float(np.quantile(totals, q))
+
+
+def select_within_budget_at_confidence(
+    select: Callable[[np.ndarray, float], np.ndarray],
+    median_seconds: np.ndarray,
+    budget_seconds: float,
+    errors: LogErrorModel,
+    confidence: float,
+    seed: int = 0,
+    tolerance: float = 1.05,
+) -> tuple[np.ndarray, float, float]:
+    """Pick with `select(times, budget) -> indices` on median times inflated by the smallest factor f
+    for which the picked batch's total stays within `budget_seconds` with probability `confidence`.
+
+    Returns (indices, f, the batch total's `confidence`-quantile). Bisection on f (a larger f picks less,
+    so its quantile falls) until f is known within `tolerance`x. The bracket runs from half the median
+    error factor (a large batch averages its errors) to twice a single stack's `confidence`-quantile
+    factor (the most any batch needs). One seed for the draws: the same inputs pick the same batch.
+    """
+    check_confidence(confidence)
+    medians = np.asarray(median_seconds, dtype=np.float64)
+
+    def high_total(indices: np.ndarray) -> float:
+        return batch_total_quantile(medians[indices], errors, confidence, np.random.default_rng(seed))
+
+    low = 0.5 * min(1.0, math.exp(errors.quantile(0.5)))
+    high = 2.0 * max(1.0, math.exp(errors.quantile(confidence)))
+    best = np.asarray(select(medians * high, budget_seconds), dtype=int)
+    best_total, best_factor = high_total(best), high
+    if best_total > budget_seconds:
+        return np.asarray([], dtype=int), high, 0.0
+    if len(best) == len(medians):
+        return best, best_factor, best_total  # every stack fits even inflated: a smaller factor adds nothing
+    while high / low > tolerance:
+        factor = math.sqrt(low * high)
+        picked = np.asarray(select(medians * factor, budget_seconds), dtype=int)
+        total = high_total(picked)
+        if total <= budget_seconds:
+            best, best_total, best_factor, high = picked, total, factor, factor
+        else:
+            low = factor
+    return best, best_factor, best_total
+
+
+def worklist_summary(at_serve: dict) -> dict:
+    """A serve snapshot with its worklist's stacks reduced to their ids: what a time record keeps."""
+    worklist = at_serve.get("worklist")
+    if not worklist or "items" not in worklist:
+        return at_serve
+    kept = {key: value for key, value in worklist.items() if key != "items"}
+    return {**at_serve, "worklist": {**kept, "ids": [item["id"] for item in worklist["items"]]}}
+
+
+def batch_outcomes(records: Sequence[dict]) -> list[dict]:
+    """Each worklist whose every stack was labeled by the annotator it was served to: its predicted and
+    measured total seconds, its budget and its `confidence`-quantile total. Worklists cut short (stacks
+    taken by others, or the annotator moved on to another worklist) are left out: they were not
+    labeled as predicted."""
+    by_worklist: dict[str, dict[str, float]] = {}
+    worklists: dict[str, dict] = {}
+    for record in records:
+        worklist = (record.get("at_serve") or {}).get("worklist")
+        if worklist and "ids" in worklist:
+            worklists[worklist["id"]] = worklist
+            # A stack saved twice in one session updates its record; keep the latest seconds per stack.
+            by_worklist.setdefault(worklist["id"], {})[record["image"]] = float(record["seconds"])
+    outcomes = []
+    for worklist_id, measured in by_worklist.items():
+        worklist = worklists[worklist_id]
+        if set(worklist["ids"]) <= set(measured):
+            outcomes.append({
+                "worklist_id": worklist_id, "n_stacks": len(worklist["ids"]),
+                "predicted_seconds": worklist["predicted_seconds"], "high_seconds": worklist["high_seconds"],
+                "measured_seconds": sum(measured[i] for i in worklist["ids"]),
+                "budget_seconds": worklist["budget_seconds"], "confidence": worklist["confidence"],
+            })
+    return outcomes
+
+
+def calibration_summary(records: Sequence[dict]) -> dict:
+    """How the predictions made at serve time held, from the time records.
+
+    Per stack: n, median log error (log measured/predicted median; > 0 means labeling took longer than
+    predicted), median |log error|, and the share of measured times inside the interval given at serve
+    time. Per worklist labeled through (`batch_outcomes`): batches seen, median relative error of the
+    total (measured - predicted) / predicted, and the share over budget."""
+    rows = [(r["seconds"], r["at_serve"]) for r in records
+            if r.get("seconds", 0) > 0 and isinstance((r.get("at_serve") or {}).get("predicted_log_seconds"), (int, float))]
+    if not rows:
+        return {"n": 0, "batches": 0, "note": "no label saved after a serve with a time prediction yet"}
+    # Judge what was served (the recalibrated median when there was one), not the raw time model.
+    errors = np.array([math.log(seconds) - at_serve.get("served_log_seconds", at_serve["predicted_log_seconds"])
+                       for seconds, at_serve in rows])
+    inside = [at_serve["predicted_seconds_low"] <= seconds <= at_serve["predicted_seconds_high"]
+              for seconds, at_serve in rows if "predicted_seconds_low" in at_serve and "predicted_seconds_high" in at_serve]
+    confidences = sorted({at_serve.get("confidence") for _, at_serve in rows if at_serve.get("confidence") is not None})
+    batches = batch_outcomes(records)
+    return {
+        "n": len(rows),
+        "median_log_error": float(np.median(errors)),
+        "median_abs_log_error": float(np.median(np.abs(errors))),
+        "interval_coverage": float(np.mean(inside)) if inside else None,
+        "interval_confidences": confidences,
+        "batches": len(batches),
+        "median_batch_error": float(np.median([(b["measured_seconds"] - b["predicted_seconds"]) / b["predicted_seconds"]
+                                               for b in batches])) if batches else None,
+        "share_over_budget": float(np.mean([b["measured_seconds"] > b["budget_seconds"] for b in batches])) if batches else None,
+    }
