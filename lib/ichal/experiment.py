@@ -35,6 +35,7 @@ from ichal.io import atomic_write_bytes
 from ichal.metrics import DetectionEvaluator, stack_scores
 from ichal.phantom import PhantomStack, generate_pool
 from ichal.selection import Selection, acft_select, knapsack_select, random_select, uncertainty_select
+from ichal.time_intervals import fit_log_error_model, select_within_budget_at_confidence
 from ichal.train import TrainItem, TrainSettings, train_ensemble
 from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
 
@@ -80,13 +81,14 @@ class ExperimentConfig:
     device: str = "cpu"
     batch_slices: int = 16
     lookalike_fraction: float = 0.5  # TrainSettings.lookalike_fraction; docs/results.md runs predate it (0)
+    budget_confidence: float = 0.8  # cost rounds: P(batch's true seconds <= budget) under the batch interval
 
     def validate(self) -> None:
         """Raise `ExperimentError` naming the first value out of range."""
         for name in ("pool_count", "test_count", "rounds", "members", "iterations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ExperimentError(f"config {self.name!r}: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("coreset_seed_fraction", "cost_seed_fraction", "budget_fraction"):
+        for name in ("coreset_seed_fraction", "cost_seed_fraction", "budget_fraction", "budget_confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ExperimentError(f"config {self.name!r}: {name} must be in (0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.lookalike_fraction <= 1.0:
@@ -233,6 +235,10 @@ def select_batch(method: str, scores: Sequence[StackScores], seconds: np.ndarray
     raise ExperimentError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
+def _mean_or_nan(values: np.ndarray) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
 def _rng(seed: int, method: str, round_index: int) -> np.random.Generator:
     return np.random.default_rng([seed, METHODS.index(method) + 1, round_index])
 
@@ -325,27 +331,64 @@ class _Run:
                                           [self.data.true_seconds([i]) for i in previous["labeled_ids"]])
         scores_by_id = self._scores(previous_model, unlabeled)
         scores = [scores_by_id[stack.id] for stack in unlabeled]
-        predicted = time_model.predict([s.features for s in scores])
+        true_log = np.log([self.data.true_seconds([stack.id]) for stack in unlabeled])
+        # As the app does: the true-mask time model on the committee's predicted masks, recalibrated on
+        # what earlier rounds of this run predicted at pick time and then measured (`ichal.time_intervals`).
+        history = previous.get("pick_history", [])
+        errors = fit_log_error_model(np.array([h["predicted_log_seconds"] for h in history]),
+                                     np.log([h["true_seconds"] for h in history]), time_model.residual_std_)
+        raw_log = time_model.predict_log([s.features for s in scores])
+        medians = np.exp(errors.adjust(raw_log))
+        expected = medians * errors.mean_factor()
+        high_total = float("nan")
         if self.protocol == "coreset":  # doubling: as many new stacks as are labeled, one "second" each
-            seconds, budget = np.ones(len(unlabeled)), float(len(labeled))
+            indices = select_batch(method, scores, np.ones(len(unlabeled)), float(len(labeled)),
+                                   _rng(seed, method, round_index), self.config).indices
         else:
-            seconds, budget = predicted, self.config.budget_fraction * self.total_seconds
-        selection = select_batch(method, scores, seconds, budget, _rng(seed, method, round_index), self.config)
-        picked = [unlabeled[i].id for i in selection.indices]
-        picked_predicted = math.fsum(predicted[selection.indices])
+            budget = self.config.budget_fraction * self.total_seconds
+
+            def select(times: np.ndarray, budget_seconds: float) -> np.ndarray:
+                return select_batch(method, scores, times, budget_seconds, _rng(seed, method, round_index),
+                                    self.config).indices
+
+            indices, _, high_total = select_within_budget_at_confidence(
+                select, medians, budget, errors, self.config.budget_confidence, seed=seed * 1000 + round_index)
+        indices = np.asarray(indices, dtype=int)
+        picked = [unlabeled[i].id for i in indices]
+        picked_predicted = math.fsum(expected[indices])
         picked_true = self.data.true_seconds(picked)
+        low, high = errors.interval(self.config.budget_confidence)
+        in_interval = (true_log[indices] >= np.log(medians[indices]) + low) & (true_log[indices] <= np.log(medians[indices]) + high)
         # The same time model on the picked stacks' TRUE masks: separates the regressor's error from the
         # error of predicting masks with the ensemble.
         picked_oracle = math.fsum(time_model.predict([self.data.true_features[i] for i in picked])) if picked \
             else 0.0
         batch = {
-            "budget": budget, "budget_unit": "stacks" if self.protocol == "coreset" else "predicted seconds",
+            "budget": float(len(labeled)) if self.protocol == "coreset" else budget,
+            "budget_unit": "stacks" if self.protocol == "coreset" else "true seconds at confidence",
+            "budget_confidence": self.config.budget_confidence,
             "picked_ids": picked, "n_picked": len(picked),
-            "picked_budget_used": selection.total_seconds,
-            "picked_predicted_seconds": picked_predicted, "picked_true_seconds": picked_true,
-            "picked_oracle_seconds": picked_oracle,
+            "picked_budget_used": picked_predicted if self.protocol == "cost" else float(len(picked)),
+            "picked_predicted_seconds": picked_predicted, "picked_high_seconds": high_total,
+            # Today's (before issue 17) estimate: the true-mask model's mean on predicted masks, no recalibration.
+            "picked_raw_predicted_seconds": math.fsum(np.exp(raw_log[indices] + 0.5 * time_model.residual_std_**2)),
+            "picked_true_seconds": picked_true, "picked_oracle_seconds": picked_oracle,
             "batch_time_rel_error": (picked_predicted - picked_true) / picked_true if picked_true > 0 else float("nan"),
-            "picked_positive": sum(bool(unlabeled[i].label.any()) for i in selection.indices),
+            "picked_in_interval": int(in_interval.sum()),
+            # Log errors (true - predicted): picked vs all unlabeled stacks, raw and recalibrated. Their
+            # difference on the picked stacks is the selection effect (winner's curse).
+            "log_error": {
+                "picked_raw": _mean_or_nan(true_log[indices] - raw_log[indices]),
+                "picked_recalibrated": _mean_or_nan(true_log[indices] - np.log(medians[indices])),
+                "pool_raw": _mean_or_nan(true_log - raw_log),
+                "pool_recalibrated": _mean_or_nan(true_log - np.log(medians)),
+                "picked_abs_recalibrated": [float(v) for v in np.abs(true_log[indices] - np.log(medians[indices]))],
+            },
+            "recalibration": {"n": len(history), "intercept": errors.intercept, "slope": errors.slope,
+                              "empirical": errors.empirical},
+            "pick_history": history + [{"id": unlabeled[i].id, "predicted_log_seconds": float(raw_log[i]),
+                                        "true_seconds": float(np.exp(true_log[i]))} for i in indices],
+            "picked_positive": sum(bool(unlabeled[i].label.any()) for i in indices),
             "time_model": {"a": float(time_model.coef_[0]), "b": float(time_model.coef_[1]),
                            "c": time_model.intercept_, "n": time_model.n_, "source": time_model.source_,
                            "r2": time_model.r2_},
