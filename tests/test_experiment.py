@@ -17,7 +17,7 @@ from ichal.experiment import (
     make_data,
     run_protocol,
 )
-from ichal.experiment_plots import plot_paired_differences
+from ichal.experiment_plots import plot_paired_differences, time_calibration
 from ichal.metrics import PairedDifference
 
 MINI = ExperimentConfig(name="mini", pool_count=16, test_count=3, size=32, rounds=2, members=2, iterations=4,
@@ -170,3 +170,36 @@ def test_paired_differences_plot_is_a_png_and_refuses_mismatched_metrics(tmp_pat
     with pytest.raises(ValueError, match="same metrics"):
         plot_paired_differences([differences(0.05)[:1]], differences(0.0), ("a", "b"), tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_time_calibration_reports_each_methods_batches_before_and_after(cost_run):
+    out, records = cost_run
+    rows = {r["method"]: r for r in time_calibration(records)}
+    with_batches = {r["method"] for r in records if r["round"] > 0 and r["n_picked"]}
+    assert set(rows) == with_batches
+    for method, row in rows.items():
+        batches = [r for r in records if r["method"] == method and r["round"] > 0 and r["n_picked"]]
+        assert row["batches"] == len(batches) and row["stacks"] == sum(r["n_picked"] for r in batches)
+        assert 0.0 <= row["coverage"] <= 1.0 and 0.0 <= row["over_budget"] <= 1.0
+        true, raw = batches[0]["picked_true_seconds"], batches[0]["picked_raw_predicted_seconds"]
+        if len(batches) == 1:
+            assert row["batch_error_raw"] == pytest.approx((true - raw) / raw)
+    table = (out / "cost_time_calibration.md").read_text()
+    assert table.count("\n") == 2 + len(rows)
+
+
+def test_time_calibration_figures_on_a_made_up_run():
+    def batch(true, predicted, raw, budget, hits, n, picked_raw, pool_raw):
+        return {"method": "m", "round": 1, "n_picked": n, "picked_true_seconds": true, "picked_predicted_seconds": predicted,
+                "picked_raw_predicted_seconds": raw, "budget": budget, "picked_in_interval": hits, "budget_confidence": 0.8,
+                "log_error": {"picked_raw": picked_raw, "pool_raw": pool_raw, "picked_recalibrated": 0.1,
+                              "pool_recalibrated": 0.0, "picked_abs_recalibrated": [0.2] * n},
+                "recalibration": {"empirical": False}}
+    rows = time_calibration([batch(300.0, 200.0, 100.0, 250.0, 2, 2, 1.0, 0.5),
+                             batch(100.0, 200.0, 100.0, 250.0, 1, 3, 0.7, 0.5)])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["batch_error_raw"] == pytest.approx(np.median([2.0, 0.0]))
+    assert row["batch_error"] == pytest.approx(np.median([0.5, -0.5]))
+    assert row["over_budget"] == 0.5 and row["coverage"] == pytest.approx(3 / 5)
+    assert row["selection_effect_raw"] == pytest.approx(0.35) and row["selection_effect"] == pytest.approx(0.1)

@@ -24,7 +24,8 @@ AP_LEVELS = ("pixel_ap", "region_ap", "frame_ap", "stack_ap")
 CSV_COLUMNS = (
     "protocol", "method", "seed", "round", "n_labeled", "labeled_fraction", "labeled_hours", "n_picked",
     "picked_positive", "budget", "picked_budget_used", "picked_predicted_seconds", "picked_true_seconds",
-    "picked_oracle_seconds", "batch_time_rel_error", *AP_LEVELS, "dice", "mean_dice_positive", "train_seconds",
+    "picked_oracle_seconds", "batch_time_rel_error", "picked_high_seconds", "picked_raw_predicted_seconds",
+    "picked_in_interval", *AP_LEVELS, "dice", "mean_dice_positive", "train_seconds",
     "picked_ids",
 )
 METHOD_LABELS = {
@@ -173,8 +174,56 @@ def markdown_table(protocol: str, summary: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_calibration(records: Sequence[dict]) -> list[dict]:
+    """How honest each method's batch minutes were on the cost protocol (issue 17's figures), before
+    (`raw`: the true-mask time model's mean on predicted masks, expected-value budget) and after
+    (recalibrated medians, budget at the configured confidence). Per method, over its picked batches:
+    median (true - predicted) / predicted of the batch total, share of batches whose true seconds exceed
+    the budget, per-stack interval coverage, median |log error| per stack, and the selection effect
+    (mean log error of the picked stacks minus that of all unlabeled stacks; > 0: picked ones are
+    under-predicted more than the pool)."""
+    rows = []
+    by_method: dict[str, list[dict]] = {}
+    for record in records:
+        if record.get("round", 0) > 0 and record.get("n_picked") and "log_error" in record:
+            by_method.setdefault(record["method"], []).append(record)
+    for method, batches in sorted(by_method.items()):
+        true = np.array([b["picked_true_seconds"] for b in batches])
+        predicted = np.array([b["picked_predicted_seconds"] for b in batches])
+        raw = np.array([b["picked_raw_predicted_seconds"] for b in batches])
+        errors = [b["log_error"] for b in batches]
+        rows.append({
+            "method": method, "batches": len(batches), "stacks": int(sum(b["n_picked"] for b in batches)),
+            "confidence": batches[0]["budget_confidence"],
+            "batch_error_raw": float(np.median((true - raw) / raw)),
+            "batch_error": float(np.median((true - predicted) / predicted)),
+            "over_budget": float(np.mean(true > np.array([b["budget"] for b in batches]))),
+            "coverage": sum(b["picked_in_interval"] for b in batches) / sum(b["n_picked"] for b in batches),
+            "median_abs_log_error": float(np.median(np.concatenate([e["picked_abs_recalibrated"] for e in errors]))),
+            "selection_effect_raw": float(np.mean([e["picked_raw"] - e["pool_raw"] for e in errors])),
+            "selection_effect": float(np.mean([e["picked_recalibrated"] - e["pool_recalibrated"] for e in errors])),
+            "recalibrated_batches": sum(bool(b["recalibration"]["empirical"]) for b in batches),
+        })
+    return rows
+
+
+def time_calibration_table(rows: Sequence[dict]) -> str:
+    header = ["method", "batches (recalibrated)", "stacks", "batch (true-pred)/pred: before", "after",
+              "share of batches over budget", "per-stack interval coverage", "median abs log error",
+              "selection effect: before", "after"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            METHOD_LABELS.get(r["method"], r["method"]), f"{r['batches']} ({r['recalibrated_batches']})", str(r["stacks"]),
+            f"{r['batch_error_raw']:+.0%}", f"{r['batch_error']:+.0%}", f"{r['over_budget']:.0%}",
+            f"{r['coverage']:.0%} (nominal {r['confidence']:.0%})", f"{r['median_abs_log_error']:.2f}",
+            f"{r['selection_effect_raw']:+.2f}", f"{r['selection_effect']:+.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> None:
-    """OUT/<protocol>_results.csv, OUT/<protocol>_ap.png and OUT/<protocol>_table.md from the records."""
+    """OUT/<protocol>_results.csv, OUT/<protocol>_ap.png and OUT/<protocol>_table.md from the records;
+    for the cost protocol also OUT/cost_time_calibration.md (`time_calibration`)."""
     if not records:
         return
     out = Path(out)
@@ -182,3 +231,6 @@ def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> Non
     summary = summarize(records)
     plot_curves(protocol, summary, out / f"{protocol}_ap.png")
     atomic_write_bytes(out / f"{protocol}_table.md", markdown_table(protocol, summary).encode())
+    calibration = time_calibration(records)
+    if protocol == "cost" and calibration:
+        atomic_write_bytes(out / "cost_time_calibration.md", time_calibration_table(calibration).encode())
