@@ -28,7 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import anyio.from_thread
 import fastapi
+import requests
 from fastapi import BackgroundTasks, Body, File, Form, UploadFile
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
@@ -55,6 +57,13 @@ MAX_CLIENT_ID = 128
 _CLIENT_ID = re.compile(r"^[\w.@:+-]{1,128}$")
 # File types a client may upload (the suffix keeps the reader's format detection; anything else is refused).
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+# DICOMweb paths the viewer may reach through /proxy/dicom: QIDO/WADO resources, STOW to `studies`.
+_DICOMWEB_PATH = re.compile(r"^(studies|series|instances)(/(?!\.+(/|$))[0-9A-Za-z.,\-]+)*$")
+_STOW_PATH = re.compile(r"^studies(/[0-9.]+)?$")
+PROXY_TIMEOUT_SECONDS = 120.0
+# Request headers passed to the PACS: content negotiation (transfer syntax) and the STOW body's type.
+PROXY_REQUEST_HEADERS = ("accept", "content-type")
+PROXY_RESPONSE_HEADERS = ("content-type",)
 
 USER = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
 ANNOTATOR = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)
@@ -204,13 +213,46 @@ def install_guarded_routes(server: fastapi.FastAPI, app: Any) -> None:
     def next_sample(strategy: str, params: Optional[dict] = Body(None), user: User = fastapi.Depends(USER)) -> dict:
         request = parse_json_object(params, "request body")
         check_client_id(request)
+        if "client_id" not in request and settings.MONAI_LABEL_AUTH_ENABLE:
+            # Clients that send no client_id (OHIF's panel): the signed-in user is the annotator.
+            request["client_id"] = user.username
         # Not monailabel's `sample`: it builds the whole /info/ and rewrites datastore_v2.json (an
         # `info.strategy` stamp) on every call, which under 8 annotators was most of next-sample's time.
         # Who was served what, when, is recorded in the app's state database instead (a `served` event).
         result = app.next_sample({**request, "strategy": strategy})
         if not result:
             return {}
-        return {**datastore().get_image_info(result["id"]), **result}
+        # A PACS-backed datastore adds the study/series UIDs a DICOMweb viewer (OHIF) opens the stack by.
+        reference = getattr(datastore(), "dicom_reference", lambda _: {})(result["id"])
+        return {**datastore().get_image_info(result["id"]), **reference, **result}
+
+    def proxy_dicom(request: fastapi.Request, op: str, path: str, user: User = fastapi.Depends(USER)) -> fastapi.Response:
+        # monailabel's proxy drops the query string (a patient's study search listed every study), and
+        # forwards any path and method to the PACS. Here: DICOMweb resources only, GET for QIDO/WADO,
+        # POST only to STOW a series (a viewer storing a SEG), query and content negotiation kept.
+        if not app.studies.startswith(("http://", "https://")):
+            raise client_error("no PACS: this server's studies are a local folder", 404)
+        writes = request.method == "POST"
+        stow = writes and op in ("wado", "stow") and _STOW_PATH.match(path)  # OHIF stores to its wadoRoot
+        if op not in ("qido", "wado", "stow") or not _DICOMWEB_PATH.match(path) or (writes and not stow) \
+                or (op == "stow" and not writes):
+            raise client_error(f"not a DICOMweb {'STOW' if writes else 'QIDO/WADO'} path: {op}/{path}", 404)
+        prefix = {"qido": settings.MONAI_LABEL_QIDO_PREFIX, "wado": settings.MONAI_LABEL_WADO_PREFIX,
+                  "stow": settings.MONAI_LABEL_STOW_PREFIX}[op]
+        if path.endswith("metadata"):  # some OHIF versions ask QIDO for metadata, a WADO resource
+            prefix = settings.MONAI_LABEL_WADO_PREFIX
+        url = "/".join(part.strip("/") for part in (app.studies, prefix or "", path) if part)
+        headers = {name: request.headers[name] for name in PROXY_REQUEST_HEADERS if name in request.headers}
+        auth = (settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD) \
+            if settings.MONAI_LABEL_DICOMWEB_USERNAME else None
+        body = anyio.from_thread.run(request.body) if writes else None
+        try:
+            answer = requests.request(request.method, url, params=list(request.query_params.multi_items()),
+                                      headers=headers, data=body, auth=auth, timeout=PROXY_TIMEOUT_SECONDS)
+        except requests.RequestException as error:
+            raise client_error(f"the PACS did not answer: {type(error).__name__}", 502) from None
+        kept = {name: answer.headers[name] for name in PROXY_RESPONSE_HEADERS if name in answer.headers}
+        return fastapi.Response(content=answer.content, status_code=answer.status_code, headers=kept)
 
     def train_model(model: str, params: Optional[dict] = Body(None), run_sync: Optional[bool] = False,
                     enqueue: Optional[bool] = False, user: User = fastapi.Depends(ADMIN)) -> dict:
@@ -264,6 +306,7 @@ def install_guarded_routes(server: fastapi.FastAPI, app: Any) -> None:
         ("/infer/wsi/{model}", ["POST"], no_wsi),
         ("/infer/wsi_v2/{model}", ["POST"], no_wsi),
         ("/activelearning/{strategy}", ["POST"], next_sample),
+        ("/proxy/dicom/{op}/{path:path}", ["GET", "POST"], proxy_dicom),
         ("/train/{model}", ["POST"], train_model),
         ("/train/", ["POST"], train_all),
         ("/scoring/{method}", ["POST"], run_scoring),

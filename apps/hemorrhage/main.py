@@ -48,7 +48,8 @@ class HemorrhageApp(MONAILabelApp):
             name="hemorrhage",
             description="Intracranial hemorrhage on head CT: PatchFCN committee, cost-sensitive active labeling",
             version=ichal.__version__,
-            labels={"hemorrhage": 1},
+            # A list, as MONAI Label's sample apps send it: OHIF's panel appends model labels to it.
+            labels=["hemorrhage"],
         )
 
     def init_datastore(self) -> Datastore:

@@ -127,3 +127,31 @@ def write_nifti(array_zyx: np.ndarray, affine: np.ndarray, path: str | Path) -> 
         staged = Path(tmp) / f"staged{suffix}"
         nib.save(image, str(staged))
         atomic_write_bytes(path, staged.read_bytes())
+
+
+# What infer can answer in, by `result_extension` (MONAI Label's client parameter; OHIF asks for NRRD).
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+
+
+def write_result_volume(array_zyx: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
+    """Write a (Z, Y, X) result in the format `path`'s extension names (`RESULT_EXTENSIONS`): NIfTI as
+    `write_nifti`; NRRD with SimpleITK in LPS, voxels in DICOM order (x along rows, slices last), the
+    layout OHIF puts on the series it shows."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.name.endswith((".nii.gz", ".nii")):
+        write_nifti(array_zyx, affine, path)
+        return
+    if not path.name.endswith(".nrrd"):
+        raise VolumeError(f"result format of {path.name!r} is not one of {RESULT_EXTENSIONS}")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
+        staged = Path(tmp) / "staged.nrrd"
+        sitk.WriteImage(image, str(staged), useCompression=False)
+        atomic_write_bytes(path, staged.read_bytes())

@@ -12,7 +12,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ichal.config import DEFAULT_CONFIG
 from ichal.ensemble import predict_stack
-from ichal.io import VolumeError, read_nifti, write_nifti
+from ichal.io import RESULT_EXTENSIONS, VolumeError, read_nifti, write_result_volume
 from ichal.metrics import frame_scores, region_scores, stack_scores
 
 from .context import AppContext
@@ -42,6 +42,9 @@ class EnsembleInfer(InferTask):
         return {**super().info(), "trained": model_path.exists()}
 
     def __call__(self, request: dict) -> tuple[str, dict]:
+        extension = request.get("result_extension") or ".nii.gz"
+        if extension not in RESULT_EXTENSIONS:
+            raise client_error(f"result_extension must be one of {list(RESULT_EXTENSIONS)}, got {extension!r}")
         model = self.context.load_model()
         if model is None:
             raise client_error("no trained model yet: save a few final labels and train (POST /train/hemorrhage)", 409)
@@ -71,6 +74,6 @@ class EnsembleInfer(InferTask):
             )
         else:
             volume_out = prediction.js.astype(np.float32)
-        out_path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-        write_nifti(volume_out, volume.affine, out_path)
+        out_path = tempfile.NamedTemporaryFile(suffix=extension, delete=False).name
+        write_result_volume(volume_out, volume.affine, out_path)
         return out_path, result

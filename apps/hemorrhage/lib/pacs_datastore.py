@@ -51,6 +51,19 @@ class PacsDatastore(HemorrhageDatastore):
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         raise client_error("images come from the PACS: store the series there (STOW-RS) and it appears here", 405)
 
+    def dicom_reference(self, image_id: str) -> Dict[str, Any]:
+        """What a DICOMweb viewer needs to open `image_id` (a SeriesInstanceUID): its study and series UIDs,
+        modality, study date/time, patient id and the PACS URL of the series; {} if it is not mirrored.
+        Sent to the requesting viewer only, never logged."""
+        files = sorted((self._dicom_dir / image_id).glob("*.dcm"))
+        if not files:
+            return {}
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        study_uid = str(header.StudyInstanceUID)
+        fields = {name: str(header.get(name, "")) for name in ("Modality", "StudyDate", "StudyTime", "PatientID")}
+        return {**fields, "StudyInstanceUID": study_uid, "SeriesInstanceUID": image_id,
+                "RetrieveURL": f"{self.url}/studies/{study_uid}/series/{image_id}"}
+
     def status(self) -> Dict[str, Any]:
         return {**super().status(), "pacs": self.url, "pending_seg_uploads": len(self._pending.read())}
 

@@ -1,0 +1,136 @@
+"""What OHIF's MONAI Label panel needs from the app, against a real Orthanc and the real server: a label
+list it can extend, a next sample it can open (study/series UIDs), pre-labels as NRRD on the series
+grid, and a DICOMweb proxy that keeps study-search filters and refuses anything but DICOMweb (issue 15)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from ichal.dicom import write_ct_series
+from ichal.dicom_seg import label_to_seg
+from ichal.ensemble import save_ensemble
+from ichal.pacs import list_labeled_series, stow_series
+from ichal.phantom import generate_stack
+from ichal.train import TrainItem, TrainSettings, train_ensemble
+from pacs_fixtures import ORTHANC_BINARY, start_orthanc, stop_orthanc
+from server_fixtures import free_port, running_server
+
+pytestmark = pytest.mark.integration
+
+PATIENTS = ("OHIF-A", "OHIF-B")
+
+
+@pytest.fixture(scope="module")
+def stacks():
+    return [generate_stack(seed=200 + i, size=64, stack_id=f"ohif_{i}") for i in range(len(PATIENTS))]
+
+
+@pytest.fixture(scope="module")
+def pacs(stacks, tmp_path_factory):
+    """An Orthanc of this module's own: one study per patient, each one CT series."""
+    if not ORTHANC_BINARY.exists():
+        pytest.fail("Orthanc is not installed: run scripts/install_system_deps.sh (the test command does)")
+    folder = tmp_path_factory.mktemp("orthanc")
+    url = start_orthanc(folder, free_port())
+    series = {}
+    for stack, patient in zip(stacks, PATIENTS):
+        dicom_dir = tmp_path_factory.mktemp(stack.id)
+        write_ct_series(stack.image_hu, stack.affine, dicom_dir, patient_id=patient)
+        study_uid, series_uid = stow_series(url, dicom_dir)
+        series[series_uid] = {"study": study_uid, "patient": patient, "stack": stack, "dir": dicom_dir}
+    yield {"url": url, "series": series}
+    stop_orthanc(folder)
+
+
+@pytest.fixture(scope="module")
+def server(pacs, stacks, tmp_path_factory):
+    """The app on that Orthanc, with a tiny committee already trained (infer needs one)."""
+    items = [TrainItem(s.id, s.image_hu, s.label, s.spacing_mm) for s in stacks]
+    state = tmp_path_factory.mktemp("state")
+    save_ensemble(train_ensemble(items, TrainSettings(ensemble_size=2, iterations=2, batch_size=2)),
+                  state / "models" / "ensemble.pt")
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with running_server(pacs["url"], {"ensemble_size": "2", "pacs_sync_seconds": "1", "state_dir": str(state)}, log) as url:
+        yield url
+
+
+def test_info_labels_are_a_list_the_panel_can_extend(server):
+    info = requests.get(f"{server}/info/", timeout=30).json()
+    assert info["labels"] == ["hemorrhage"]
+    assert info["models"]["hemorrhage"]["labels"] == {"hemorrhage": 1}
+
+
+def test_next_sample_names_the_study_and_series_a_viewer_opens(server, pacs):
+    sample = requests.post(f"{server}/activelearning/random", json={"budget_minutes": 600}, timeout=60).json()
+    served = pacs["series"][sample["id"]]
+    assert sample["SeriesInstanceUID"] == sample["id"] and sample["StudyInstanceUID"] == served["study"]
+    assert sample["Modality"] == "CT" and sample["PatientID"] == served["patient"]
+    assert sample["RetrieveURL"].endswith(f"/studies/{served['study']}/series/{sample['id']}")
+
+
+def test_infer_answers_nrrd_on_the_dicom_series_grid(server, pacs, tmp_path):
+    image_id = next(iter(pacs["series"]))
+    client = MONAILabelClient(server, client_id="ohif", tmpdir=str(tmp_path))
+    nrrd_path, _ = client.infer("hemorrhage", image_id, {"result_extension": ".nrrd", "result_dtype": "uint8"})
+    nifti_path, _ = client.infer("hemorrhage", image_id, {})
+    assert Path(nrrd_path).read_bytes()[:4] == b"NRRD"
+    nrrd = sitk.ReadImage(nrrd_path)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(pacs["series"][image_id]["dir"])))
+    series = reader.Execute()
+    # The voxel grid of the series as a DICOM reader (OHIF, ITK) lays it out: same size, origin, axes.
+    assert nrrd.GetSize() == series.GetSize()
+    np.testing.assert_allclose(nrrd.GetOrigin(), series.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(nrrd.GetSpacing(), series.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(nrrd.GetDirection(), series.GetDirection(), atol=1e-6)
+    nifti_zyx = np.transpose(np.asarray(nib.load(nifti_path).dataobj), (2, 1, 0))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(nrrd), nifti_zyx)
+    with pytest.raises(MONAILabelClientException) as caught:
+        client.infer("hemorrhage", image_id, {"result_extension": ".exe"})
+    assert "result_extension" in str(caught.value.msg)
+
+
+def test_the_dicomweb_proxy_keeps_search_filters(server, pacs):
+    studies = requests.get(f"{server}/proxy/dicom/qido/studies", params={"PatientID": PATIENTS[1]}, timeout=30).json()
+    wanted = next(s["study"] for s in pacs["series"].values() if s["patient"] == PATIENTS[1])
+    assert [s["0020000D"]["Value"][0] for s in studies] == [wanted]
+    everyone = requests.get(f"{server}/proxy/dicom/qido/studies", timeout=30).json()
+    assert len(everyone) == len(PATIENTS)
+    metadata = requests.get(f"{server}/proxy/dicom/wado/studies/{wanted}/metadata", timeout=30)
+    assert metadata.status_code == 200 and metadata.json()[0]["00080060"]["Value"] == ["CT"]
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "qido/studies/../../tools/now"), ("GET", "qido/../system"), ("GET", "wado/instances/%2e%2e/%2e%2e/system"),
+    ("POST", "qido/studies"), ("POST", "wado/studies/1.2/series"), ("GET", "stow/studies"), ("GET", "admin/studies"),
+])
+def test_the_dicomweb_proxy_reaches_nothing_but_dicomweb(server, method, path):
+    answer = requests.request(method, f"{server}/proxy/dicom/{path}", timeout=30)
+    assert answer.status_code == 404, answer.text[:300]
+
+
+def test_a_seg_stored_through_the_proxy_reaches_the_pacs(server, pacs):
+    """The DICOMweb-native save path a viewer uses: STOW-RS of a SEG through the app's proxy."""
+    image_id, served = next((uid, s) for uid, s in pacs["series"].items() if uid not in list_labeled_series(pacs["url"]))
+    sources = [pydicom.dcmread(p) for p in sorted(served["dir"].glob("*.dcm"))]
+    seg = label_to_seg(served["stack"].label, sources, algorithm_type="manual")
+    boundary = "ichal-test-boundary"
+    buffer = io.BytesIO()
+    seg.save_as(buffer, write_like_original=False)
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+    answer = requests.post(f"{server}/proxy/dicom/wado/studies", data=body, timeout=60, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": "application/dicom+json"})
+    assert answer.status_code == 200, answer.text[:300]
+    assert list_labeled_series(pacs["url"]).get(image_id) == str(seg.SeriesInstanceUID)
+    assert json.loads(answer.content)
