@@ -13,6 +13,7 @@ import fastapi
 import numpy as np
 import pytest
 import server_fixtures
+from browser_fixtures import launch_chromium
 from fastapi.testclient import TestClient
 from monailabel.endpoints import ohif as monailabel_ohif
 from PIL import Image
@@ -22,8 +23,6 @@ from ichal.dicom import write_ct_series
 from ichal.phantom.generator import generate_stack
 
 ROUTE_FILE = server_fixtures.REPO / "apps" / "hemorrhage" / "ohif_route.py"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # Set to a path (e.g. docs/images/ohif_pacs_study.png) to keep the screenshot; else it stays in tmp.
 SCREENSHOT_ENV = "ICHAL_OHIF_SCREENSHOT"
 VIEWPORT_CANVAS = "canvas.cornerstone-canvas"
@@ -121,13 +120,11 @@ def test_chromium_renders_pacs_study_in_ohif(
 ):
     from playwright import sync_api
 
-    if not CHROMIUM.exists():
-        pytest.fail("Debian chromium is not installed: run scripts/install_system_deps.sh (the test command does)")
     study_uid, _ = pacs.stow_series(orthanc_url, phantom_series_dir)
     screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ohif.png")
     html_assets: list[str] = []
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
 

@@ -23,6 +23,7 @@ from ichal.ensemble import save_ensemble
 from ichal.pacs import list_labeled_series, stow_series
 from ichal.phantom import generate_stack
 from ichal.train import TrainItem, TrainSettings, train_ensemble
+from browser_fixtures import launch_chromium, screenshot_path
 from pacs_fixtures import ORTHANC_BINARY, start_orthanc, stop_orthanc
 from server_fixtures import free_port, running_server
 
@@ -99,6 +100,61 @@ def test_infer_answers_nrrd_on_the_dicom_series_grid(server, pacs, tmp_path):
     with pytest.raises(MONAILabelClientException) as caught:
         client.infer("hemorrhage", image_id, {"result_extension": ".exe"})
     assert "result_extension" in str(caught.value.msg)
+
+
+def connect_panel(page, server: str) -> None:
+    """Type the server's URL into the MONAI Label panel and connect, as a user does."""
+    page.wait_for_selector("#monailabelServerURL", timeout=120_000)
+    notice = page.get_by_text("Confirm and Hide")
+    if notice.count():
+        notice.first.click()
+    page.locator("#monailabelServerURL").fill(f"{server}/")
+    page.locator("#monailabelServerURL").locator("xpath=../../td[3]/button").click()
+    page.get_by_text("Active Learning", exact=True).wait_for(timeout=60_000)
+
+
+def test_ohif_panel_connects_opens_the_next_sample_and_overlays_the_pre_label(server, pacs, tmp_path):
+    from playwright import sync_api
+
+    first_study = next(iter(pacs["series"].values()))["study"]
+    console: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("console", lambda message: console.append(message.text))
+            page.on("dialog", lambda dialog: dialog.accept())  # "This action will reload current page"
+            page.goto(f"{server}/ohif/monai-label?StudyInstanceUIDs={first_study}", timeout=120_000)
+            connect_panel(page, server)
+            page.screenshot(path=str(screenshot_path("ohif_panel_connected.png", tmp_path)))
+
+            page.get_by_text("Active Learning", exact=True).click()
+            with page.expect_response(lambda r: "/activelearning/" in r.url) as served:
+                page.get_by_role("button", name="Next Sample").click()
+            sample = served.value.json()
+            form = page.locator(".nextSampleForm")
+            form.get_by_text(sample["StudyInstanceUID"]).wait_for(timeout=30_000)
+            page.screenshot(path=str(screenshot_path("ohif_next_sample.png", tmp_path)))
+            form.get_by_role("button", name="OK").click()
+            page.wait_for_url(f"**StudyInstanceUIDs={sample['StudyInstanceUID']}", timeout=60_000)
+
+            connect_panel(page, server)
+            page.get_by_text("Auto-Segmentation", exact=True).click()
+            with page.expect_response(lambda r: "/infer/hemorrhage" in r.url, timeout=180_000) as inferred:
+                page.locator('button[title="Run Segmentation"]').click()
+            answer = inferred.value
+            assert answer.status == 200 and answer.body()[:4] == b"NRRD"
+            deadline = 60
+            while "updated the segmentation's scalar data" not in console and deadline:
+                page.wait_for_timeout(1_000)
+                deadline -= 1
+            page.wait_for_timeout(2_000)
+            page.screenshot(path=str(screenshot_path("ohif_prelabel.png", tmp_path)))
+        finally:
+            browser.close()
+    assert sample["id"] in pacs["series"] and f"image={sample['id']}" in answer.url
+    assert "updated the segmentation's scalar data" in console, console[-20:]
+    assert not [line for line in console if "not an NRRD" in line or "all_labels.push" in line]
 
 
 def test_the_dicomweb_proxy_keeps_search_filters(server, pacs):
