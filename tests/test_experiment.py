@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def _by_cell(records):
 
 
 def test_cost_rounds_respect_the_predicted_budget_and_label_each_stack_once(cost_run, data):
-    _, records = cost_run
+    out, records = cost_run
     cells = _by_cell(records)
     pool_ids = set(data.pool_ids)
     budget = MINI.budget_fraction * data.true_seconds(data.pool_ids)
@@ -69,7 +70,12 @@ def test_cost_rounds_respect_the_predicted_budget_and_label_each_stack_once(cost
         assert record["picked_high_seconds"] <= budget + 1e-6 and record["budget_confidence"] == MINI.budget_confidence
         assert 0 <= record["picked_in_interval"] <= len(picked)
         # What each round predicted at pick time is kept for the next round's recalibration.
-        earlier = cells[(method, seed, round_index - 1)].get("pick_history", [])
+        earlier = cells[(method, seed, round_index - 1)].get("pick_history")
+        if round_index == 1:  # the seed set's cross-fitted errors: each seed stack predicted by a committee that never saw it
+            crossfit = json.loads((out / "cost" / f"seed{seed}" / "shared" / "crossfit.json").read_text())
+            earlier = crossfit["history"]
+            assert sorted(h["id"] for h in earlier) == sorted(cells[(method, seed, 0)]["labeled_ids"])
+            assert sorted(sum(crossfit["folds"], [])) == sorted(h["id"] for h in earlier)
         assert record["pick_history"][:len(earlier)] == earlier
         assert [h["id"] for h in record["pick_history"][len(earlier):]] == picked
         assert record["recalibration"]["n"] == len(earlier)

@@ -82,6 +82,9 @@ class ExperimentConfig:
     batch_slices: int = 16
     lookalike_fraction: float = 0.5  # TrainSettings.lookalike_fraction; docs/results.md runs predate it (0)
     budget_confidence: float = 0.8  # cost rounds: P(batch's true seconds <= budget) under the batch interval
+    # Cost protocol: folds of the seed set whose committees predict the held-out fold (never seen), giving
+    # round 1 pick-time time errors to recalibrate on (0: round 1 has none, only the fallback spread).
+    crossfit_folds: int = 2
 
     def validate(self) -> None:
         """Raise `ExperimentError` naming the first value out of range."""
@@ -91,6 +94,8 @@ class ExperimentConfig:
         for name in ("coreset_seed_fraction", "cost_seed_fraction", "budget_fraction", "budget_confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ExperimentError(f"config {self.name!r}: {name} must be in (0, 1), got {getattr(self, name)}")
+        if self.crossfit_folds == 1 or self.crossfit_folds < 0:
+            raise ExperimentError(f"config {self.name!r}: crossfit_folds must be 0 or at least 2, got {self.crossfit_folds}")
         if not 0.0 <= self.lookalike_fraction <= 1.0:
             raise ExperimentError(f"config {self.name!r}: lookalike_fraction must be in [0, 1], got {self.lookalike_fraction}")
 
@@ -308,6 +313,29 @@ class _Run:
             return record
         return self._train_and_finish(seed, FULL_POOL, 0, list(self.data.pool_ids))
 
+    def crossfit_history(self, seed: int, seed_ids: Sequence[str]) -> list[dict]:
+        """Pick-time errors for round 1, before anything was picked: each fold of the seed set predicted by a
+        committee trained on the other folds (a committee that never saw it, as a picked stack is never
+        seen), through the time model of round 1 (true masks of the whole seed set). Cached per seed."""
+        path = self.cell_dir(seed, None) / "crossfit.json"
+        if (cached := _read_json(path)) is not None:
+            return cached["history"]
+        time_model = LabelTimeModel().fit([self.data.true_features[i] for i in seed_ids],
+                                          [self.data.true_seconds([i]) for i in seed_ids])
+        order = np.random.default_rng([seed, 7]).permutation(len(seed_ids))
+        folds = [sorted(seed_ids[i] for i in order[k::self.config.crossfit_folds]) for k in range(self.config.crossfit_folds)]
+        by_id = {stack.id: stack for stack in self.data.pool}
+        history = []
+        for k, held_out in enumerate(folds):
+            rest = [i for i in seed_ids if i not in set(held_out)]
+            model, _ = train_labeled(self.config, self.data, rest, seed * 100 + 90 + k, self.progress)
+            scores = score_stacks(self.config, model, [by_id[i] for i in held_out], self.progress)
+            raw_log = time_model.predict_log([scores[i].features for i in held_out])
+            history += [{"id": i, "predicted_log_seconds": float(r), "true_seconds": self.data.true_seconds([i]),
+                         "source": "crossfit"} for i, r in zip(held_out, raw_log)]
+        _write_json(path, {"folds": folds, "history": history})
+        return history
+
     def _scores(self, model_path: Path, unlabeled: Sequence[PhantomStack]) -> dict[str, StackScores]:
         """Scores of `unlabeled` under the checkpoint at `model_path`, cached (round 0 is shared by all methods)."""
         cached = self._score_cache.setdefault(str(model_path), {})
@@ -334,7 +362,10 @@ class _Run:
         true_log = np.log([self.data.true_seconds([stack.id]) for stack in unlabeled])
         # As the app does: the true-mask time model on the committee's predicted masks, recalibrated on
         # what earlier rounds of this run predicted at pick time and then measured (`ichal.time_intervals`).
-        history = previous.get("pick_history", [])
+        history = previous.get("pick_history")
+        if history is None:  # round 1: the seed set's cross-fitted errors stand in for earlier picks
+            history = self.crossfit_history(seed, previous["labeled_ids"]) \
+                if self.protocol == "cost" and self.config.crossfit_folds else []
         errors = fit_log_error_model(np.array([h["predicted_log_seconds"] for h in history]),
                                      np.log([h["true_seconds"] for h in history]), time_model.residual_std_)
         raw_log = time_model.predict_log([s.features for s in scores])
