@@ -24,11 +24,14 @@ from ichal.time_intervals import (
 
 
 def records_with_errors(errors: list[float], median: float = 100.0) -> list[dict]:
-    return [{"seconds": median * math.exp(e), "at_serve": {"predicted_log_seconds": math.log(median)}} for e in errors]
+    return [{"seconds": median * math.exp(e), "at_serve": {"predicted_log_seconds": math.log(median), "predicted_from": "committee"}}
+            for e in errors]
 
 
 def test_log_errors_come_from_what_was_predicted_at_serve_time():
-    records = records_with_errors([0.5, -0.25]) + [{"seconds": 50.0}, {"seconds": 60.0, "at_serve": {"predicted_seconds": 9.0}}]
+    site_median = {"predicted_log_seconds": 3.0, "predicted_from": "site median"}
+    records = records_with_errors([0.5, -0.25]) + [{"seconds": 50.0}, {"seconds": 60.0, "at_serve": {"predicted_seconds": 9.0}},
+                                                   {"seconds": 70.0, "at_serve": site_median}]
     model = log_error_model(records, fallback_std=0.4)
     np.testing.assert_allclose(sorted(model.residuals), [-0.25, 0.5])
     assert not model.empirical  # 2 < MIN_RESIDUALS: the lognormal fallback speaks

@@ -91,12 +91,17 @@ class LogErrorModel:
 
 
 def log_error_model(records: Sequence[dict], fallback_std: float) -> LogErrorModel:
-    """From time records (`seconds` and `at_serve.predicted_log_seconds`), the served stacks' log errors."""
+    """From time records (`seconds` and `at_serve.predicted_log_seconds`), the served stacks' log errors.
+    Only predictions of the time model on committee masks count (`at_serve.predicted_from`): a stack no
+    committee had scored was predicted by the site's median time, a different predictor."""
     if not (math.isfinite(fallback_std) and fallback_std >= 0):
         raise IntervalError(f"fallback_std must be a finite non-negative number, got {fallback_std}")
     predicted, measured = [], []
     for record in records:
-        raw = (record.get("at_serve") or {}).get("predicted_log_seconds")
+        at_serve = record.get("at_serve") or {}
+        raw = at_serve.get("predicted_log_seconds")
+        if at_serve.get("predicted_from") != "committee":
+            continue
         if isinstance(raw, (int, float)) and math.isfinite(raw) and record.get("seconds", 0) > 0:
             predicted.append(raw)
             measured.append(math.log(record["seconds"]))

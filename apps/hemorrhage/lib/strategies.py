@@ -194,6 +194,8 @@ class BudgetedStrategy(Strategy):
             "model_version": score.get("model_version"),
             "predicted_boundary_mm": score.get("boundary_mm"),
             "predicted_n_components": score.get("n_components"),
+            # Only the time model's predictions on committee masks feed the next recalibration.
+            "predicted_from": "committee" if image_id in scores else "site median",
             "predicted_seconds": float(estimate.expected_seconds[index]),
             # Raw: what the next recalibration regresses on; served: what this worklist was built on.
             "predicted_log_seconds": float(np.log(estimate.raw_median_seconds[index])),
