@@ -17,6 +17,7 @@ from ichal.time_intervals import (
     calibration_summary,
     check_confidence,
     fit_log_error_model,
+    recalibration_backtest,
     log_error_model,
     select_within_budget_at_confidence,
     worklist_summary,
@@ -170,3 +171,27 @@ def test_recalibration_removes_a_young_committees_bias_and_the_knapsacks_selecti
     # Too few pairs: no recalibration, the raw errors are the residuals.
     few = fit_log_error_model(np.zeros(3), np.ones(3), fallback_std=0.4)
     assert (few.intercept, few.slope) == (0.0, 1.0) and not few.empirical
+
+
+def test_the_backtest_predicts_each_stack_only_from_stacks_saved_before_it():
+    rng = np.random.default_rng(4)
+    true_log = rng.normal(5.5, 0.6, 60)
+    biased = true_log - 1.0 + rng.normal(0.0, 0.2, 60)  # a young committee: 2.7x too quick, little noise
+    result = recalibration_backtest(biased, true_log)
+    assert result["n"] == 60 - 10
+    assert result["raw_median_abs_log_error"] > 0.9 and result["recalibrated_median_abs_log_error"] < 0.3
+    # An exact line (slope 0.5, intercept 2.75) is recovered from every prefix: zero error after the 10th stack.
+    line = recalibration_backtest(true_log, 0.5 * true_log + 2.75)
+    assert line["n"] == 50 and line["recalibrated_median_abs_log_error"] < 1e-9 < line["raw_median_abs_log_error"]
+
+
+def test_a_recalibration_that_the_backtest_finds_worse_is_not_used():
+    rng = np.random.default_rng(5)
+    true_log = rng.normal(5.5, 0.6, 40)
+    exact = true_log + rng.normal(0.0, 0.05, 40)  # already calibrated: a fitted line only adds noise
+    exact[:10] += 1.5  # ... except that the first stacks were far off, which would drag an early line away
+    model = fit_log_error_model(exact, true_log, fallback_std=0.3)
+    backtest = recalibration_backtest(exact, true_log)
+    assert backtest["recalibrated_median_abs_log_error"] > backtest["raw_median_abs_log_error"]
+    assert (model.intercept, model.slope) == (0.0, 1.0)
+    np.testing.assert_allclose(model.residuals, true_log - exact)

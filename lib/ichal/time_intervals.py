@@ -90,12 +90,10 @@ class LogErrorModel:
         return rng.normal(0.0, self.fallback_std, size=shape)
 
 
-def log_error_model(records: Sequence[dict], fallback_std: float) -> LogErrorModel:
-    """From time records (`seconds` and `at_serve.predicted_log_seconds`), the served stacks' log errors.
-    Only predictions of the time model on committee masks count (`at_serve.predicted_from`): a stack no
+def committee_pairs(records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(raw predicted, measured) log-seconds of the served stacks, in the order they were saved. Only
+    predictions of the time model on committee masks count (`at_serve.predicted_from`): a stack no
     committee had scored was predicted by the site's median time, a different predictor."""
-    if not (math.isfinite(fallback_std) and fallback_std >= 0):
-        raise IntervalError(f"fallback_std must be a finite non-negative number, got {fallback_std}")
     predicted, measured = [], []
     for record in records:
         at_serve = record.get("at_serve") or {}
@@ -105,21 +103,60 @@ def log_error_model(records: Sequence[dict], fallback_std: float) -> LogErrorMod
         if isinstance(raw, (int, float)) and math.isfinite(raw) and record.get("seconds", 0) > 0:
             predicted.append(raw)
             measured.append(math.log(record["seconds"]))
-    return fit_log_error_model(np.asarray(predicted), np.asarray(measured), fallback_std)
+    return np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+
+
+def log_error_model(records: Sequence[dict], fallback_std: float) -> LogErrorModel:
+    """The served stacks' log errors from their time records (`committee_pairs`), recalibrated when the
+    time-ordered backtest says recalibration predicts better than the raw time model."""
+    return fit_log_error_model(*committee_pairs(records), fallback_std)
+
+
+def _line(predicted_log: np.ndarray, measured_log: np.ndarray) -> tuple[float, float]:
+    """(intercept, slope) of the recalibration line, slope kept in [MIN_SLOPE, 1]."""
+    spread = float(np.var(predicted_log))
+    slope = float(np.cov(predicted_log, measured_log, bias=True)[0, 1] / spread) if spread > 0 else 1.0
+    slope = min(1.0, max(MIN_SLOPE, slope))
+    return float(np.mean(measured_log) - slope * np.mean(predicted_log)), slope
+
+
+def recalibration_backtest(predicted_log: np.ndarray, measured_log: np.ndarray) -> dict:
+    """Time-ordered backtest: each stack from the (MIN_RESIDUALS + 1)-th on predicted both raw and by the
+    line fit on the stacks saved before it only. n, and the median |log error| of each."""
+    predicted_log = np.asarray(predicted_log, dtype=np.float64)
+    measured_log = np.asarray(measured_log, dtype=np.float64)
+    if len(predicted_log) <= MIN_RESIDUALS:
+        return {"n": 0}
+    # The line of every prefix at once, from running sums (a fit per saved stack would be quadratic).
+    count = np.arange(1, len(predicted_log) + 1, dtype=np.float64)
+    mean_p, mean_m = np.cumsum(predicted_log) / count, np.cumsum(measured_log) / count
+    spread = np.cumsum(predicted_log**2) / count - mean_p**2
+    covariance = np.cumsum(predicted_log * measured_log) / count - mean_p * mean_m
+    safe = np.where(spread > 1e-12, spread, 1.0)
+    slope = np.clip(np.where(spread > 1e-12, covariance / safe, 1.0), MIN_SLOPE, 1.0)
+    intercept = mean_m - slope * mean_p
+    k = np.arange(MIN_RESIDUALS, len(predicted_log))  # predicted from the k stacks before it: prefix k - 1
+    raw = np.abs(measured_log[k] - predicted_log[k])
+    recalibrated = np.abs(measured_log[k] - intercept[k - 1] - slope[k - 1] * predicted_log[k])
+    return {"n": int(len(k)), "raw_median_abs_log_error": float(np.median(raw)),
+            "recalibrated_median_abs_log_error": float(np.median(recalibrated))}
 
 
 def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fallback_std: float) -> LogErrorModel:
-    """Recalibration line and residuals from pairs of raw predicted and measured log-seconds."""
+    """Recalibration line and residuals from pairs of raw predicted and measured log-seconds, in the order
+    they were measured. The line is used unless the backtest (`recalibration_backtest`, at least
+    MIN_RESIDUALS predictions) found it worse than the raw predictions; then the raw errors are the residuals."""
+    if not (math.isfinite(fallback_std) and fallback_std >= 0):
+        raise IntervalError(f"fallback_std must be a finite non-negative number, got {fallback_std}")
     predicted_log = np.asarray(predicted_log, dtype=np.float64)
     measured_log = np.asarray(measured_log, dtype=np.float64)
     if len(predicted_log) < MIN_RESIDUALS:
         return LogErrorModel(measured_log - predicted_log, float(fallback_std))
-    spread = float(np.var(predicted_log))
-    slope = float(np.cov(predicted_log, measured_log, bias=True)[0, 1] / spread) if spread > 0 else 1.0
-    slope = min(1.0, max(MIN_SLOPE, slope))
-    intercept = float(np.mean(measured_log) - slope * np.mean(predicted_log))
-    residuals = measured_log - (intercept + slope * predicted_log)
-    return LogErrorModel(residuals, float(fallback_std), intercept, slope)
+    backtest = recalibration_backtest(predicted_log, measured_log)
+    if backtest["n"] >= MIN_RESIDUALS and backtest["recalibrated_median_abs_log_error"] > backtest["raw_median_abs_log_error"]:
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
+    intercept, slope = _line(predicted_log, measured_log)
+    return LogErrorModel(measured_log - (intercept + slope * predicted_log), float(fallback_std), intercept, slope)
 
 
 def batch_total_quantile(median_seconds: np.ndarray, errors: LogErrorModel, q: float,
@@ -232,7 +269,10 @@ def calibration_summary(records: Sequence[dict]) -> dict:
               for seconds, at_serve in rows if "predicted_seconds_low" in at_serve and "predicted_seconds_high" in at_serve]
     confidences = sorted({at_serve.get("confidence") for _, at_serve in rows if at_serve.get("confidence") is not None})
     batches = batch_outcomes(records)
+    chosen = log_error_model(records, fallback_std=0.0)
     return {
+        "backtest": {**recalibration_backtest(*committee_pairs(records)),
+                     "recalibrated": chosen.empirical and (chosen.intercept, chosen.slope) != (0.0, 1.0)},
         "n": len(rows),
         "median_log_error": float(np.median(errors)),
         "median_abs_log_error": float(np.median(np.abs(errors))),
