@@ -53,13 +53,16 @@ def label_to_seg(
     algorithm_name: str = "ichal PatchFCN ensemble",
     content_creator_name: str | None = None,
     series_number: int = 300,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> Dataset:
     """Binary DICOM SEG of `label_zyx` over the source CT series.
 
     label_zyx: uint8 {0, 1}, shape (Z, Rows, Columns); slice z is the z-th source slice in
     `sort_source_slices` order (the order `ichal.dicom.read_ct_series` returns).
     algorithm_type: "manual" for a saved expert label, "automatic" for a model prediction
-    (then `algorithm_name` names the model). One segment "hemorrhage" (SNOMED-CT coded).
+    (then `algorithm_name` names the model). `series_instance_uid`/`sop_instance_uid`: fixed UIDs (a retried
+    upload then stores the same instance), fresh ones when None. One segment "hemorrhage" (SNOMED-CT coded).
     The SEG references the source series and every source instance, shares its frame of
     reference and geometry, and has one frame per source slice (empty ones included: about
     Z*Rows*Columns/8 bytes, so stock readers such as pydicom-seg, which crop to the frames
@@ -94,9 +97,9 @@ def label_to_seg(
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_instance_uid or hd.UID(),
         series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name="ichal hemorrhage",
@@ -111,13 +114,46 @@ def label_to_seg(
     return seg
 
 
+def _label_segment_numbers(seg: hd.seg.Segmentation) -> list[int]:
+    """Segments read as hemorrhage: labelled "hemorrhage" (any case) or typed SNOMED-CT Hemorrhage; a SEG another
+    tool wrote with other names (3D Slicer's "Segment 1") has all its segments read, merged."""
+    descriptions = list(seg.SegmentSequence)
+    named = [
+        int(d.SegmentNumber) for d in descriptions
+        if str(d.SegmentLabel).strip().lower() == SEGMENT_LABEL
+        or any(code.CodeValue == SEGMENT_TYPE.value for code in d.get("SegmentedPropertyTypeCodeSequence", []))
+    ]
+    return named or [int(d.SegmentNumber) for d in descriptions]
+
+
+def _label_by_plane_position(seg: Dataset, sources: list[Dataset], segment_numbers: list[int]) -> np.ndarray:
+    """The label of a SEG whose frames do not reference source instances: each frame placed on the source slice at
+    its ImagePositionPatient (same frame of reference and in-plane grid assumed, as a SEG requires)."""
+    normal = np.cross(*np.asarray(sources[0].ImageOrientationPatient, dtype=float).reshape(2, 3))
+    slice_positions = np.array([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in sources])
+    shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    if (int(seg.Rows), int(seg.Columns)) != shape[1:]:
+        raise SegError(f"SEG frames are {seg.Rows}x{seg.Columns}, source slices {shape[1]}x{shape[2]}")
+    frames = np.asarray(seg.pixel_array).reshape(-1, *shape[1:])
+    label = np.zeros(shape, dtype=np.uint8)
+    for index, groups in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        if int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber) not in segment_numbers:
+            continue
+        position = float(np.dot(normal, np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, dtype=float)))
+        z = int(np.argmin(np.abs(slice_positions - position)))
+        if abs(slice_positions[z] - position) > 0.01:
+            raise SegError(f"SEG frame {index + 1} lies between source slices (position {position:.2f} mm)")
+        label[z] |= (frames[index] > 0).astype(np.uint8)
+    return label
+
+
 def seg_to_label(seg_dataset: Dataset, source_datasets: Sequence[Dataset]) -> np.ndarray:
-    """uint8 {0, 1} label (Z, Rows, Columns) of the "hemorrhage" segment of a SEG.
+    """uint8 {0, 1} label (Z, Rows, Columns) of the hemorrhage segment of a SEG (see `_label_segment_numbers`).
 
     `seg_dataset`: a SEG read with pydicom, or the object `label_to_seg` returned.
-    Frames are mapped to source slices through the SEG's references to source instances, so
-    z follows `sort_source_slices(source_datasets)`; slices without a frame are empty.
-    Raises SegError if the SEG references another series or has no "hemorrhage" segment.
+    Frames are mapped to source slices through the SEG's references to source instances, or, for a SEG
+    without them, through their plane positions; z follows `sort_source_slices(source_datasets)`; slices
+    without a frame are empty. Raises SegError if the SEG references another series.
     """
     sources = sort_source_slices(source_datasets)
     seg = seg_dataset
@@ -130,12 +166,14 @@ def seg_to_label(seg_dataset: Dataset, source_datasets: Sequence[Dataset]) -> np
     referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
     if source_series_uid not in referenced:
         raise SegError(f"SEG {seg.SOPInstanceUID} references series {sorted(referenced)}, not {source_series_uid}")
-    numbers = seg.get_segment_numbers(segment_label=SEGMENT_LABEL)
-    if not numbers:
-        raise SegError(f"SEG {seg.SOPInstanceUID} has no segment labelled '{SEGMENT_LABEL}'")
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
-        segment_numbers=numbers[:1],
-        assert_missing_frames_are_empty=True,
-    )
-    return (pixels[..., 0] > 0).astype(np.uint8)
+    numbers = _label_segment_numbers(seg)
+    try:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
+            segment_numbers=numbers,
+            assert_missing_frames_are_empty=True,
+        )
+    except (ValueError, KeyError, AttributeError):
+        # highdicom needs per-frame references to source instances; some tools write positions only.
+        return _label_by_plane_position(seg, sources, numbers)
+    return (pixels > 0).any(axis=-1).astype(np.uint8)
