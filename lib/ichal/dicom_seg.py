@@ -114,7 +114,7 @@ def label_to_seg(
     return seg
 
 
-def _label_segment_numbers(seg: hd.seg.Segmentation) -> list[int]:
+def _label_segment_numbers(seg: Dataset) -> list[int]:
     """Segments read as hemorrhage: labelled "hemorrhage" (any case) or typed SNOMED-CT Hemorrhage; a SEG another
     tool wrote with other names (3D Slicer's "Segment 1") has all its segments read, merged."""
     descriptions = list(seg.SegmentSequence)
@@ -156,18 +156,15 @@ def seg_to_label(seg_dataset: Dataset, source_datasets: Sequence[Dataset]) -> np
     without a frame are empty. Raises SegError if the SEG references another series.
     """
     sources = sort_source_slices(source_datasets)
-    seg = seg_dataset
-    if not isinstance(seg, hd.seg.Segmentation):
-        try:
-            seg = hd.seg.Segmentation.from_dataset(seg_dataset)
-        except (AttributeError, ValueError) as error:
-            raise SegError(f"dataset is not a readable DICOM SEG: {error}") from None
+    if "SegmentSequence" not in seg_dataset:
+        raise SegError(f"dataset {seg_dataset.get('SOPInstanceUID', '')} is not a DICOM SEG (no SegmentSequence)")
     source_series_uid = str(sources[0].SeriesInstanceUID)
-    referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    referenced = {str(item.SeriesInstanceUID) for item in seg_dataset.get("ReferencedSeriesSequence", [])}
     if source_series_uid not in referenced:
-        raise SegError(f"SEG {seg.SOPInstanceUID} references series {sorted(referenced)}, not {source_series_uid}")
-    numbers = _label_segment_numbers(seg)
+        raise SegError(f"SEG {seg_dataset.SOPInstanceUID} references series {sorted(referenced)}, not {source_series_uid}")
+    numbers = _label_segment_numbers(seg_dataset)
     try:
+        seg = seg_dataset if isinstance(seg_dataset, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg_dataset)
         pixels = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
             segment_numbers=numbers,
@@ -175,5 +172,5 @@ def seg_to_label(seg_dataset: Dataset, source_datasets: Sequence[Dataset]) -> np
         )
     except (ValueError, KeyError, AttributeError):
         # highdicom needs per-frame references to source instances; some tools write positions only.
-        return _label_by_plane_position(seg, sources, numbers)
+        return _label_by_plane_position(seg_dataset, sources, numbers)
     return (pixels > 0).any(axis=-1).astype(np.uint8)
