@@ -20,13 +20,13 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 
 from ichal.ct_ingest import AIR_HU, SeriesRejected, read_ct_volume
-from ichal.dicom_seg import seg_to_label
+from ichal.dicom_seg import label_to_seg, seg_to_label
 from ichal.ensemble import save_ensemble
 from ichal.pacs import list_labeled_series, list_series, stow_series
 from ichal.phantom import generate_stack
 from ichal.train import TrainItem, TrainSettings, train_ensemble
 from pacs_fixtures import ORTHANC_BINARY, start_orthanc, stop_orthanc
-from real_dicom_corpus import VARIANTS, Variant, ct_small, jpeg2000, padded, rle, uncompressed_mr_twin
+from real_dicom_corpus import VARIANTS, Variant, ct_small, enhanced_multiframe, jpeg2000, padded, rle, uncompressed_mr_twin
 from server_fixtures import free_port, running_server, wait_for
 
 SERVED = [v for v in VARIANTS if v.reason is None]
@@ -70,6 +70,18 @@ def test_padding_and_values_below_air_become_air():
     stored_min = int(raw[0].pixel_array.min()) + int(raw[0].RescaleIntercept)
     assert stored_min == -3995  # the real file's values outside the reconstruction circle
     assert int(read_ct_volume(raw).hu.min()) == AIR_HU
+
+
+def test_a_label_over_an_enhanced_multiframe_series_round_trips_through_a_seg():
+    sources = enhanced_multiframe()
+    volume = read_ct_volume(sources)
+    label = np.zeros(volume.hu.shape, np.uint8)
+    label[3, 50:60, 50:70] = 1
+    seg = label_to_seg(label, sources)
+    np.testing.assert_array_equal(seg_to_label(seg, sources), label)
+    frame = next(i for i, pixels in enumerate(seg.pixel_array) if pixels.any())
+    position = seg.PerFrameFunctionalGroupsSequence[frame].PlanePositionSequence[0].ImagePositionPatient
+    np.testing.assert_allclose([float(v) for v in position], volume.frames[3].position_lps, atol=1e-3)
 
 
 # -- through the real Orthanc and the real server ------------------------------------------------------------------
@@ -191,16 +203,17 @@ def test_real_dicom_through_orthanc_and_the_server(pacs, tiny_model_path, tmp_pa
         j2k_shape = nib.load(state / "pacs" / "nifti" / f"{served['jpeg2000']}.nii.gz").shape
         tally.call("save jpeg2000", reader.save_label, served["jpeg2000"],
                    label_file(state, served["jpeg2000"], np.zeros(j2k_shape[::-1], np.uint8), tmp_path), tag="final")
-        # The enhanced multi-frame series: its label is stored whether or not a SEG can be written over it.
+        # The enhanced multi-frame series: its SEG references the frames of its one instance.
         multiframe_shape = nib.load(state / "pacs" / "nifti" / f"{served['enhanced_multiframe']}.nii.gz").shape
         tally.call("save enhanced_multiframe", reader.save_label, served["enhanced_multiframe"],
                    label_file(state, served["enhanced_multiframe"], np.zeros(multiframe_shape[::-1], np.uint8), tmp_path),
                    tag="final")
         time.sleep(3.0)  # three more background syncs, each retrying pending uploads
-        assert seg_count(url, served["ct_small"]) == 1
+        assert seg_count(url, served["ct_small"]) == 1 and seg_count(url, served["enhanced_multiframe"]) == 1
         datastore = reader.info()["datastore"]
         assert datastore["pending_seg_uploads"] == 0
-        assert served["jpeg2000"] in datastore["seg_not_written"]
+        assert list(datastore["seg_not_written"]) == [served["jpeg2000"]]
+        assert "Frame Of Reference" in datastore["seg_not_written"][served["jpeg2000"]]
         assert datastore["completed"] == 3
 
         # A SEG another tool wrote, and a new series: both appear by themselves (no request makes them).

@@ -11,7 +11,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from ichal.io import check_label
+from ichal.ct_ingest import instance_frames
+from ichal.io import VolumeError, check_label
 
 SEGMENT_LABEL = "hemorrhage"
 SEGMENT_NUMBER = 1
@@ -46,6 +47,19 @@ def sort_source_slices(source_datasets: Sequence[Dataset]) -> list[Dataset]:
     return [ds for _, ds in sorted(zip(positions, source_datasets), key=lambda pair: pair[0])]
 
 
+def _multiframe_source(source_datasets: Sequence[Dataset]) -> list[int] | None:
+    """For one enhanced multi-frame source instance: its frame indices (0-based) in z order, ascending along the
+    slice normal as `ichal.ct_ingest` orders them; None for classic single-frame sources."""
+    if len(source_datasets) != 1 or int(source_datasets[0].get("NumberOfFrames", 1) or 1) <= 1:
+        return None
+    try:
+        frames = instance_frames(source_datasets[0])
+    except VolumeError as error:
+        raise SegError(f"multi-frame source lacks geometry: {error}") from None
+    normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
+    return [f.frame_index for f in sorted(frames, key=lambda f: float(np.dot(normal, f.position_lps)))]
+
+
 def label_to_seg(
     label_zyx: np.ndarray,
     source_datasets: Sequence[Dataset],
@@ -69,9 +83,16 @@ def label_to_seg(
     present, return the whole volume; an all-empty label is a valid SEG). Returns the dataset;
     write it with `save_as` or upload it with `ichal.pacs.stow_series(url, [seg])`.
     """
-    sources = sort_source_slices(source_datasets)
-    image_shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    frame_order = _multiframe_source(source_datasets)
+    sources = list(source_datasets) if frame_order is not None else sort_source_slices(source_datasets)
+    depth = len(frame_order) if frame_order is not None else len(sources)
+    image_shape = (depth, int(sources[0].Rows), int(sources[0].Columns))
     mask = check_label(np.asarray(label_zyx), image_shape, name="label for DICOM SEG")
+    if frame_order is not None:
+        # highdicom takes a multi-frame source's frames in their stored order: slice z goes to frame frame_order[z].
+        stored_order = np.empty_like(mask)
+        stored_order[frame_order] = mask
+        mask = stored_order
     if algorithm_type == "manual":
         algorithm = hd.seg.SegmentAlgorithmTypeValues.MANUAL
         identification = None
@@ -155,7 +176,8 @@ def seg_to_label(seg_dataset: Dataset, source_datasets: Sequence[Dataset]) -> np
     without them, through their plane positions; z follows `sort_source_slices(source_datasets)`; slices
     without a frame are empty. Raises SegError if the SEG references another series.
     """
-    sources = sort_source_slices(source_datasets)
+    frame_order = _multiframe_source(source_datasets)
+    sources = list(source_datasets) if frame_order is not None else sort_source_slices(source_datasets)
     if "SegmentSequence" not in seg_dataset:
         raise SegError(f"dataset {seg_dataset.get('SOPInstanceUID', '')} is not a DICOM SEG (no SegmentSequence)")
     source_series_uid = str(sources[0].SeriesInstanceUID)
@@ -165,12 +187,22 @@ def seg_to_label(seg_dataset: Dataset, source_datasets: Sequence[Dataset]) -> np
     numbers = _label_segment_numbers(seg_dataset)
     try:
         seg = seg_dataset if isinstance(seg_dataset, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg_dataset)
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
-            segment_numbers=numbers,
-            assert_missing_frames_are_empty=True,
-        )
+        if frame_order is not None:
+            pixels = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=str(sources[0].SOPInstanceUID),
+                source_frame_numbers=[index + 1 for index in frame_order],
+                segment_numbers=numbers,
+                assert_missing_frames_are_empty=True,
+            )
+        else:
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
+                segment_numbers=numbers,
+                assert_missing_frames_are_empty=True,
+            )
     except (ValueError, KeyError, AttributeError):
+        if frame_order is not None:
+            raise SegError("SEG frames do not reference the multi-frame source's frames") from None
         # highdicom needs per-frame references to source instances; some tools write positions only.
         return _label_by_plane_position(seg_dataset, sources, numbers)
     return (pixels > 0).any(axis=-1).astype(np.uint8)
