@@ -22,7 +22,7 @@ from ichal.time_intervals import calibration_summary
 from lib.context import AppContext
 from lib.datastore import HemorrhageDatastore
 from lib.errors import check_image_id, client_error
-from lib.lifeline import die_with_server, kill_stale_subprocess, mark_server_process
+from lib.lifeline import die_with_server, is_task_subprocess, kill_stale_subprocess, mark_server_process
 from lib.infers import EnsembleInfer
 from lib.pacs_datastore import PacsDatastore
 from lib.scoring import CommitteeScoring, scoring_needed
@@ -55,7 +55,8 @@ class HemorrhageApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             datastore = PacsDatastore(
-                self.studies, cache_dir=os.path.join(self.settings.state_dir, "pacs"), sync_seconds=self.settings.pacs_sync_seconds
+                self.studies, cache_dir=os.path.join(self.settings.state_dir, "pacs"),
+                sync_seconds=self.settings.pacs_sync_seconds, talks_to_pacs=not is_task_subprocess(),
             )
         else:
             datastore = HemorrhageDatastore(self.studies, extensions=("*.nii.gz", "*.nii"), auto_reload=False)

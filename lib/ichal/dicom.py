@@ -1,4 +1,4 @@
-"""DICOM CT series: write a (Z, Y, X) HU volume as CT Image Storage files, and read a series back with SimpleITK.
+"""DICOM CT series: write a (Z, Y, X) HU volume as CT Image Storage files, and read a series back (ichal.ct_ingest).
 
 DESIGN.md "Data" and "Real components": the phantom's stacks go to the PACS (Orthanc, STOW-RS) as real CT series
 whose geometry tags agree with the NIfTI affine (RAS on disk in NIfTI, LPS in DICOM).
@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.valuerep import DSfloat
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
+from ichal.ct_ingest import RAS_TO_LPS, read_ct_volume, read_series_folder
 from ichal.io import VolumeError, atomic_write_bytes, check_ct_hu
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 RESCALE_INTERCEPT_HU = -1024.0
 
 
@@ -143,28 +142,7 @@ def _slice_dataset(
 
 
 def read_ct_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read the one CT series in `folder` with SimpleITK: (Z, Y, X) HU array (int16) and its RAS affine."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise VolumeError(f"no such DICOM folder: {folder}")
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        raise VolumeError(f"no DICOM series found in {folder}")
-    if len(series_ids) > 1:
-        raise VolumeError(f"{folder} holds {len(series_ids)} DICOM series; expected exactly one")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
-    image = reader.Execute()
-    array = sitk.GetArrayFromImage(image)
-    if array.ndim != 3:
-        raise VolumeError(f"{folder} is not a 3D series (array shape {array.shape})")
-    return np.rint(array).astype(np.int16), sitk_affine(image)
-
-
-def sitk_affine(image: sitk.Image) -> np.ndarray:
-    """RAS 4x4 affine of a SimpleITK image (SimpleITK works in LPS)."""
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
-    lps[:3, 3] = image.GetOrigin()
-    return RAS_TO_LPS @ lps
+    """Read the one CT series in `folder`: (Z, Y, X) HU array (int16) and its RAS affine.
+    Validated by `ichal.ct_ingest.read_ct_volume` (raises its `SeriesRejected`, a VolumeError, with the reason)."""
+    volume = read_ct_volume(read_series_folder(folder))
+    return volume.hu, volume.affine

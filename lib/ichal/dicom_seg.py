@@ -11,7 +11,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from ichal.io import check_label
+from ichal.ct_ingest import instance_frames
+from ichal.io import VolumeError, check_label
 
 SEGMENT_LABEL = "hemorrhage"
 SEGMENT_NUMBER = 1
@@ -46,6 +47,19 @@ def sort_source_slices(source_datasets: Sequence[Dataset]) -> list[Dataset]:
     return [ds for _, ds in sorted(zip(positions, source_datasets), key=lambda pair: pair[0])]
 
 
+def _multiframe_source(source_datasets: Sequence[Dataset]) -> list[int] | None:
+    """For one enhanced multi-frame source instance: its frame indices (0-based) in z order, ascending along the
+    slice normal as `ichal.ct_ingest` orders them; None for classic single-frame sources."""
+    if len(source_datasets) != 1 or int(source_datasets[0].get("NumberOfFrames", 1) or 1) <= 1:
+        return None
+    try:
+        frames = instance_frames(source_datasets[0])
+    except VolumeError as error:
+        raise SegError(f"multi-frame source lacks geometry: {error}") from None
+    normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
+    return [f.frame_index for f in sorted(frames, key=lambda f: float(np.dot(normal, f.position_lps)))]
+
+
 def label_to_seg(
     label_zyx: np.ndarray,
     source_datasets: Sequence[Dataset],
@@ -53,22 +67,32 @@ def label_to_seg(
     algorithm_name: str = "ichal PatchFCN ensemble",
     content_creator_name: str | None = None,
     series_number: int = 300,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> Dataset:
     """Binary DICOM SEG of `label_zyx` over the source CT series.
 
     label_zyx: uint8 {0, 1}, shape (Z, Rows, Columns); slice z is the z-th source slice in
     `sort_source_slices` order (the order `ichal.dicom.read_ct_series` returns).
     algorithm_type: "manual" for a saved expert label, "automatic" for a model prediction
-    (then `algorithm_name` names the model). One segment "hemorrhage" (SNOMED-CT coded).
+    (then `algorithm_name` names the model). `series_instance_uid`/`sop_instance_uid`: fixed UIDs (a retried
+    upload then stores the same instance), fresh ones when None. One segment "hemorrhage" (SNOMED-CT coded).
     The SEG references the source series and every source instance, shares its frame of
     reference and geometry, and has one frame per source slice (empty ones included: about
     Z*Rows*Columns/8 bytes, so stock readers such as pydicom-seg, which crop to the frames
     present, return the whole volume; an all-empty label is a valid SEG). Returns the dataset;
     write it with `save_as` or upload it with `ichal.pacs.stow_series(url, [seg])`.
     """
-    sources = sort_source_slices(source_datasets)
-    image_shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    frame_order = _multiframe_source(source_datasets)
+    sources = list(source_datasets) if frame_order is not None else sort_source_slices(source_datasets)
+    depth = len(frame_order) if frame_order is not None else len(sources)
+    image_shape = (depth, int(sources[0].Rows), int(sources[0].Columns))
     mask = check_label(np.asarray(label_zyx), image_shape, name="label for DICOM SEG")
+    if frame_order is not None:
+        # highdicom takes a multi-frame source's frames in their stored order: slice z goes to frame frame_order[z].
+        stored_order = np.empty_like(mask)
+        stored_order[frame_order] = mask
+        mask = stored_order
     if algorithm_type == "manual":
         algorithm = hd.seg.SegmentAlgorithmTypeValues.MANUAL
         identification = None
@@ -94,9 +118,9 @@ def label_to_seg(
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_instance_uid or hd.UID(),
         series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name="ichal hemorrhage",
@@ -111,31 +135,74 @@ def label_to_seg(
     return seg
 
 
+def _label_segment_numbers(seg: Dataset) -> list[int]:
+    """Segments read as hemorrhage: labelled "hemorrhage" (any case) or typed SNOMED-CT Hemorrhage; a SEG another
+    tool wrote with other names (3D Slicer's "Segment 1") has all its segments read, merged."""
+    descriptions = list(seg.SegmentSequence)
+    named = [
+        int(d.SegmentNumber) for d in descriptions
+        if str(d.SegmentLabel).strip().lower() == SEGMENT_LABEL
+        or any(code.CodeValue == SEGMENT_TYPE.value for code in d.get("SegmentedPropertyTypeCodeSequence", []))
+    ]
+    return named or [int(d.SegmentNumber) for d in descriptions]
+
+
+def _label_by_plane_position(seg: Dataset, sources: list[Dataset], segment_numbers: list[int]) -> np.ndarray:
+    """The label of a SEG whose frames do not reference source instances: each frame placed on the source slice at
+    its ImagePositionPatient (same frame of reference and in-plane grid assumed, as a SEG requires)."""
+    normal = np.cross(*np.asarray(sources[0].ImageOrientationPatient, dtype=float).reshape(2, 3))
+    slice_positions = np.array([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in sources])
+    shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    if (int(seg.Rows), int(seg.Columns)) != shape[1:]:
+        raise SegError(f"SEG frames are {seg.Rows}x{seg.Columns}, source slices {shape[1]}x{shape[2]}")
+    frames = np.asarray(seg.pixel_array).reshape(-1, *shape[1:])
+    label = np.zeros(shape, dtype=np.uint8)
+    for index, groups in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        if int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber) not in segment_numbers:
+            continue
+        position = float(np.dot(normal, np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, dtype=float)))
+        z = int(np.argmin(np.abs(slice_positions - position)))
+        if abs(slice_positions[z] - position) > 0.01:
+            raise SegError(f"SEG frame {index + 1} lies between source slices (position {position:.2f} mm)")
+        label[z] |= (frames[index] > 0).astype(np.uint8)
+    return label
+
+
 def seg_to_label(seg_dataset: Dataset, source_datasets: Sequence[Dataset]) -> np.ndarray:
-    """uint8 {0, 1} label (Z, Rows, Columns) of the "hemorrhage" segment of a SEG.
+    """uint8 {0, 1} label (Z, Rows, Columns) of the hemorrhage segment of a SEG (see `_label_segment_numbers`).
 
     `seg_dataset`: a SEG read with pydicom, or the object `label_to_seg` returned.
-    Frames are mapped to source slices through the SEG's references to source instances, so
-    z follows `sort_source_slices(source_datasets)`; slices without a frame are empty.
-    Raises SegError if the SEG references another series or has no "hemorrhage" segment.
+    Frames are mapped to source slices through the SEG's references to source instances, or, for a SEG
+    without them, through their plane positions; z follows `sort_source_slices(source_datasets)`; slices
+    without a frame are empty. Raises SegError if the SEG references another series.
     """
-    sources = sort_source_slices(source_datasets)
-    seg = seg_dataset
-    if not isinstance(seg, hd.seg.Segmentation):
-        try:
-            seg = hd.seg.Segmentation.from_dataset(seg_dataset)
-        except (AttributeError, ValueError) as error:
-            raise SegError(f"dataset is not a readable DICOM SEG: {error}") from None
+    frame_order = _multiframe_source(source_datasets)
+    sources = list(source_datasets) if frame_order is not None else sort_source_slices(source_datasets)
+    if "SegmentSequence" not in seg_dataset:
+        raise SegError(f"dataset {seg_dataset.get('SOPInstanceUID', '')} is not a DICOM SEG (no SegmentSequence)")
     source_series_uid = str(sources[0].SeriesInstanceUID)
-    referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    referenced = {str(item.SeriesInstanceUID) for item in seg_dataset.get("ReferencedSeriesSequence", [])}
     if source_series_uid not in referenced:
-        raise SegError(f"SEG {seg.SOPInstanceUID} references series {sorted(referenced)}, not {source_series_uid}")
-    numbers = seg.get_segment_numbers(segment_label=SEGMENT_LABEL)
-    if not numbers:
-        raise SegError(f"SEG {seg.SOPInstanceUID} has no segment labelled '{SEGMENT_LABEL}'")
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
-        segment_numbers=numbers[:1],
-        assert_missing_frames_are_empty=True,
-    )
-    return (pixels[..., 0] > 0).astype(np.uint8)
+        raise SegError(f"SEG {seg_dataset.SOPInstanceUID} references series {sorted(referenced)}, not {source_series_uid}")
+    numbers = _label_segment_numbers(seg_dataset)
+    try:
+        seg = seg_dataset if isinstance(seg_dataset, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg_dataset)
+        if frame_order is not None:
+            pixels = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=str(sources[0].SOPInstanceUID),
+                source_frame_numbers=[index + 1 for index in frame_order],
+                segment_numbers=numbers,
+                assert_missing_frames_are_empty=True,
+            )
+        else:
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
+                segment_numbers=numbers,
+                assert_missing_frames_are_empty=True,
+            )
+    except (ValueError, KeyError, AttributeError):
+        if frame_order is not None:
+            raise SegError("SEG frames do not reference the multi-frame source's frames") from None
+        # highdicom needs per-frame references to source instances; some tools write positions only.
+        return _label_by_plane_position(seg_dataset, sources, numbers)
+    return (pixels > 0).any(axis=-1).astype(np.uint8)

@@ -26,6 +26,8 @@ STOW_BATCH_SIZE = 16
 # Marker written last into a fetched series folder; a folder without it is an interrupted fetch.
 COMPLETE_MARKER = ".complete"
 _TAG_FAILED_SOP_SEQUENCE = 0x00081198
+# WADO-RS media type asking for instances in the transfer syntax the PACS stored them in.
+STORED_TRANSFER_SYNTAX = ("application/dicom", "*")
 
 
 class PacsError(RuntimeError):
@@ -159,7 +161,7 @@ def list_ct_series(url: str) -> list[SeriesRef]:
 def fetch_series_to_cache(url: str, study_uid: str, series_uid: str, cache_dir: Path | str) -> Path:
     """Folder `cache_dir/<series_uid>/` holding the series' instances as `<SOPInstanceUID>.dcm`.
 
-    Fetched over WADO-RS only when the folder is not complete yet; the download goes to a
+    Fetched over WADO-RS, in the stored transfer syntax, only when the folder is not complete yet; the download goes to a
     temporary folder renamed into place, so an interrupted fetch never looks complete.
     """
     cache_dir = Path(cache_dir)
@@ -168,7 +170,9 @@ def fetch_series_to_cache(url: str, study_uid: str, series_uid: str, cache_dir: 
         return target
     client = make_client(url)
     with _pacs_errors(url, f"retrieve series {series_uid}"):
-        instances = client.retrieve_series(study_uid, series_uid)
+        # As stored (transfer-syntax=*): asked for the default (Explicit VR Little Endian), Orthanc transcodes,
+        # and answers 500 for a JPEG 2000 series it cannot transcode; ichal.ct_ingest decodes what is stored.
+        instances = client.retrieve_series(study_uid, series_uid, media_types=(STORED_TRANSFER_SYNTAX,))
     if not instances:
         raise PacsError(f"PACS at {url} has no instances for series {series_uid} of study {study_uid}")
     cache_dir.mkdir(parents=True, exist_ok=True)

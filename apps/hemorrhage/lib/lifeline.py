@@ -60,13 +60,18 @@ def kill_task_subprocesses() -> int:
     return killed
 
 
+def is_task_subprocess() -> bool:
+    """Whether this process is a training/scoring subprocess of a server (not the server, not outside one)."""
+    raw = os.environ.get(SERVER_PID_ENV, "")
+    return raw.isdigit() and int(raw) != os.getpid()
+
+
 def die_with_server(poll_seconds: float = 1.0) -> bool:
     """In a subprocess of the server, start a daemon thread that kills this process once the server is
     gone. Returns False (and does nothing) in the server itself or outside a server."""
-    raw = os.environ.get(SERVER_PID_ENV, "")
-    if not raw.isdigit() or int(raw) == os.getpid():
+    if not is_task_subprocess():
         return False
-    server_pid = int(raw)
+    server_pid = int(os.environ[SERVER_PID_ENV])
     if os.getppid() != server_pid:
         # Started after the server already died (or by something else): nothing to serve.
         os.kill(os.getpid(), signal.SIGKILL)
