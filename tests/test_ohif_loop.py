@@ -22,10 +22,11 @@ from ichal.dicom_seg import label_to_seg
 from ichal.ensemble import save_ensemble
 from ichal.pacs import list_labeled_series, stow_series
 from ichal.phantom import generate_stack
+from ichal.state import StateDB
 from ichal.train import TrainItem, TrainSettings, train_ensemble
 from browser_fixtures import launch_chromium, screenshot_path
 from pacs_fixtures import ORTHANC_BINARY, start_orthanc, stop_orthanc
-from server_fixtures import free_port, running_server
+from server_fixtures import free_port, running_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,10 +56,14 @@ def pacs(stacks, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(pacs, stacks, tmp_path_factory):
+def state(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def server(pacs, stacks, state, tmp_path_factory):
     """The app on that Orthanc, with a tiny committee already trained (infer needs one)."""
     items = [TrainItem(s.id, s.image_hu, s.label, s.spacing_mm) for s in stacks]
-    state = tmp_path_factory.mktemp("state")
     save_ensemble(train_ensemble(items, TrainSettings(ensemble_size=2, iterations=2, batch_size=2)),
                   state / "models" / "ensemble.pt")
     log = tmp_path_factory.mktemp("log") / "server.log"
@@ -176,17 +181,28 @@ def test_the_dicomweb_proxy_reaches_nothing_but_dicomweb(server, method, path):
     assert answer.status_code == 404, answer.text[:300]
 
 
-def test_a_seg_stored_through_the_proxy_reaches_the_pacs(server, pacs):
-    """The DICOMweb-native save path a viewer uses: STOW-RS of a SEG through the app's proxy."""
-    image_id, served = next((uid, s) for uid, s in pacs["series"].items() if uid not in list_labeled_series(pacs["url"]))
+def test_a_seg_stored_through_the_proxy_becomes_the_label_with_the_annotators_time(server, pacs, state):
+    """The DICOMweb-native save a viewer makes: STOW-RS of a SEG through the app's proxy. The app mirrors it
+    as the stack's label and measures the time from serving the stack to the SEG's arrival."""
+    sample = requests.post(f"{server}/activelearning/random", json={"budget_minutes": 600}, timeout=60).json()
+    image_id, served = sample["id"], pacs["series"][sample["id"]]
     sources = [pydicom.dcmread(p) for p in sorted(served["dir"].glob("*.dcm"))]
     seg = label_to_seg(served["stack"].label, sources, algorithm_type="manual")
-    boundary = "ichal-test-boundary"
     buffer = io.BytesIO()
     seg.save_as(buffer, write_like_original=False)
-    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+    boundary = "ichal-test-boundary"
+    body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
     answer = requests.post(f"{server}/proxy/dicom/wado/studies", data=body, timeout=60, headers={
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": "application/dicom+json"})
     assert answer.status_code == 200, answer.text[:300]
     assert list_labeled_series(pacs["url"]).get(image_id) == str(seg.SeriesInstanceUID)
-    assert json.loads(answer.content)
+
+    def timed() -> list[dict]:
+        return [r for r in StateDB.open(state).label_times() if r["image"] == image_id]
+
+    records = wait_for(timed, 60, "the SEG to be mirrored as the label and timed")
+    assert len(records) == 1 and records[0]["client"] == "anonymous" and records[0]["seconds"] > 0
+    assert records[0]["at_serve"]["strategy"] == "random"
+    label = nib.load(state / "pacs" / "nifti" / "labels" / "final" / f"{image_id}.nii.gz")
+    np.testing.assert_array_equal(np.transpose(np.asarray(label.dataobj), (2, 1, 0)), served["stack"].label)
+    assert requests.get(f"{server}/info/", timeout=30).json()["datastore"]["completed"] >= 1

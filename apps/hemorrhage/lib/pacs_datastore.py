@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
+import pydicom
 from pydicom.uid import generate_uid
 
 from ichal.ct_ingest import SeriesRejected, read_ct_volume, read_series_folder
 from ichal.dicom_seg import label_to_seg, seg_to_label
-from ichal.io import read_nifti, write_nifti
+from ichal.io import Volume, read_nifti, write_nifti
 from ichal.pacs import (
     PacsError,
     PacsUnavailable,
@@ -158,7 +159,12 @@ class PacsDatastore(HemorrhageDatastore):
             self._skipped_segs[seg_uid] = _reason(error)
             logger.warning(f"SEG series {seg_uid} of series {source_uid} not read: {_reason(error)}")
             return
-        write_nifti(label, read_nifti(self._image_path(source_uid)).affine, label_path)
+        affine = read_nifti(self._image_path(source_uid)).affine
+        write_nifti(label, affine, label_path)
+        if self.on_final_label is not None:
+            # A SEG stored by a viewer (OHIF) or any tool is the annotator's save: the app measures the
+            # time from serving the stack to the SEG's arrival for the annotator holding it.
+            self.on_final_label(source_uid, None, Volume(label, affine))
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         label_id = super().save_label(image_id, label_filename, label_tag, label_info)
