@@ -14,6 +14,7 @@ import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
+from PIL import Image
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -62,9 +63,10 @@ def state(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(pacs, stacks, state, tmp_path_factory):
-    """The app on that Orthanc, with a tiny committee already trained (infer needs one)."""
+    """The app on that Orthanc, with a tiny committee already trained (infer needs one; 40 iterations are
+    enough for it to mark some voxels, so the viewer has a pre-label to show)."""
     items = [TrainItem(s.id, s.image_hu, s.label, s.spacing_mm) for s in stacks]
-    save_ensemble(train_ensemble(items, TrainSettings(ensemble_size=2, iterations=2, batch_size=2)),
+    save_ensemble(train_ensemble(items, TrainSettings(ensemble_size=2, iterations=40, batch_size=2)),
                   state / "models" / "ensemble.pt")
     log = tmp_path_factory.mktemp("log") / "server.log"
     with running_server(pacs["url"], {"ensemble_size": "2", "pacs_sync_seconds": "1", "state_dir": str(state)}, log) as url:
@@ -118,6 +120,40 @@ def connect_panel(page, server: str) -> None:
     page.get_by_text("Active Learning", exact=True).wait_for(timeout=60_000)
 
 
+def coloured_pixels(png: bytes) -> int:
+    """Pixels with colour in the middle of a viewport screenshot, where the head is: the CT is grey, the
+    segmentation overlay is not (the margins hold OHIF's coloured text and icons)."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    height, width = rgb.shape[:2]
+    middle = rgb[height // 5: height * 4 // 5, width // 5: width * 4 // 5]
+    return int(((middle.max(axis=2) - middle.min(axis=2)) > 60).sum())
+
+
+def show_pre_label(page, nrrd: bytes, tmp_path: Path) -> int:
+    """Scroll OHIF's axial view to the slice where the pre-label has most voxels; the coloured pixels seen.
+    OHIF's slice order may run either way along the NRRD's z: both are tried."""
+    path = tmp_path / "prelabel.nrrd"
+    path.write_bytes(nrrd)
+    per_slice = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).sum(axis=(1, 2))
+    viewport = page.locator("canvas.cornerstone-canvas").first
+    box = viewport.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    best = int(np.argmax(per_slice))
+    position = 0  # OHIF opens the stack at its middle; count wheel steps from there
+    seen = 0
+    for target in (best, len(per_slice) - 1 - best):
+        offset = target - len(per_slice) // 2
+        for _ in range(abs(offset - position)):
+            page.mouse.wheel(0, 120 if offset > position else -120)
+            page.wait_for_timeout(60)
+        position = offset
+        page.wait_for_timeout(1_000)
+        seen = coloured_pixels(viewport.screenshot())
+        if seen:
+            break
+    return seen
+
+
 def test_ohif_panel_connects_opens_the_next_sample_and_overlays_the_pre_label(server, pacs, tmp_path):
     from playwright import sync_api
 
@@ -153,12 +189,13 @@ def test_ohif_panel_connects_opens_the_next_sample_and_overlays_the_pre_label(se
             while "updated the segmentation's scalar data" not in console and deadline:
                 page.wait_for_timeout(1_000)
                 deadline -= 1
-            page.wait_for_timeout(2_000)
+            overlay_pixels = show_pre_label(page, answer.body(), tmp_path)
             page.screenshot(path=str(screenshot_path("ohif_prelabel.png", tmp_path)))
         finally:
             browser.close()
     assert sample["id"] in pacs["series"] and f"image={sample['id']}" in answer.url
     assert "updated the segmentation's scalar data" in console, console[-20:]
+    assert overlay_pixels > 0, "the pre-label's slice shows no coloured overlay"
     assert not [line for line in console if "not an NRRD" in line or "all_labels.push" in line]
 
 
