@@ -4,6 +4,7 @@ grid, and a DICOMweb proxy that keeps study-search filters and refuses anything 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
@@ -154,7 +155,32 @@ def show_pre_label(page, nrrd: bytes, tmp_path: Path) -> int:
     return seen
 
 
-def test_ohif_panel_connects_opens_the_next_sample_and_overlays_the_pre_label(server, pacs, tmp_path):
+STOW_FROM_PAGE = """async ({url, seg}) => {
+    const bytes = Uint8Array.from(atob(seg), c => c.charCodeAt(0));
+    const boundary = "ohif-stow-boundary";
+    const body = new Blob([`--${boundary}\\r\\nContent-Type: application/dicom\\r\\n\\r\\n`, bytes, `\\r\\n--${boundary}--\\r\\n`]);
+    const answer = await fetch(url, {method: "POST", body, headers: {
+        "Content-Type": `multipart/related; type="application/dicom"; boundary=${boundary}`,
+        "Accept": "application/dicom+json"}});
+    return answer.status;
+}"""
+
+
+def seg_of(pacs: dict, image_id: str) -> bytes:
+    """The stack's true mask as a DICOM SEG over its series: the label an annotator's correction ends as."""
+    served = pacs["series"][image_id]
+    sources = [pydicom.dcmread(p) for p in sorted(served["dir"].glob("*.dcm"))]
+    buffer = io.BytesIO()
+    label_to_seg(served["stack"].label, sources, algorithm_type="manual").save_as(buffer, write_like_original=False)
+    return buffer.getvalue()
+
+
+def timed_saves(state: Path, image_id: str) -> list[dict]:
+    return [r for r in StateDB.open(state).label_times() if r["image"] == image_id]
+
+
+def test_ohif_panel_connects_opens_the_next_sample_and_overlays_the_pre_label_and_a_stored_seg_is_the_label(
+        server, pacs, state, tmp_path):
     from playwright import sync_api
 
     first_study = next(iter(pacs["series"].values()))["study"]
@@ -191,8 +217,19 @@ def test_ohif_panel_connects_opens_the_next_sample_and_overlays_the_pre_label(se
                 deadline -= 1
             overlay_pixels = show_pre_label(page, answer.body(), tmp_path)
             page.screenshot(path=str(screenshot_path("ohif_prelabel.png", tmp_path)))
+
+            # The save: the page stores the corrected label as a DICOM SEG through the app's DICOMweb proxy,
+            # the request OHIF's DICOMweb client makes (the bundled panel has no save button).
+            stored = page.evaluate(STOW_FROM_PAGE, {"url": f"{server}/proxy/dicom/wado/studies",
+                                                    "seg": base64.b64encode(seg_of(pacs, sample["id"])).decode()})
+            assert stored == 200
+            records = wait_for(lambda: timed_saves(state, sample["id"]), 60, "the SEG to become the label, timed")
+            page.reload()
+            page.get_by_text("SEG", exact=True).first.wait_for(timeout=60_000)  # the study now lists the SEG
+            page.screenshot(path=str(screenshot_path("ohif_label_saved.png", tmp_path)))
         finally:
             browser.close()
+    assert len(records) == 1 and records[0]["seconds"] > 0
     assert sample["id"] in pacs["series"] and f"image={sample['id']}" in answer.url
     assert "updated the segmentation's scalar data" in console, console[-20:]
     assert overlay_pixels > 0, "the pre-label's slice shows no coloured overlay"
@@ -223,21 +260,16 @@ def test_a_seg_stored_through_the_proxy_becomes_the_label_with_the_annotators_ti
     as the stack's label and measures the time from serving the stack to the SEG's arrival."""
     sample = requests.post(f"{server}/activelearning/random", json={"budget_minutes": 600}, timeout=60).json()
     image_id, served = sample["id"], pacs["series"][sample["id"]]
-    sources = [pydicom.dcmread(p) for p in sorted(served["dir"].glob("*.dcm"))]
-    seg = label_to_seg(served["stack"].label, sources, algorithm_type="manual")
-    buffer = io.BytesIO()
-    seg.save_as(buffer, write_like_original=False)
+    seg = seg_of(pacs, image_id)
     boundary = "ichal-test-boundary"
-    body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+    body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + seg + f"\r\n--{boundary}--\r\n".encode()
     answer = requests.post(f"{server}/proxy/dicom/wado/studies", data=body, timeout=60, headers={
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": "application/dicom+json"})
     assert answer.status_code == 200, answer.text[:300]
-    assert list_labeled_series(pacs["url"]).get(image_id) == str(seg.SeriesInstanceUID)
+    seg_series = str(pydicom.dcmread(io.BytesIO(seg)).SeriesInstanceUID)
+    assert list_labeled_series(pacs["url"]).get(image_id) == seg_series
 
-    def timed() -> list[dict]:
-        return [r for r in StateDB.open(state).label_times() if r["image"] == image_id]
-
-    records = wait_for(timed, 60, "the SEG to be mirrored as the label and timed")
+    records = wait_for(lambda: timed_saves(state, image_id), 60, "the SEG to be mirrored as the label and timed")
     assert len(records) == 1 and records[0]["client"] == "anonymous" and records[0]["seconds"] > 0
     assert records[0]["at_serve"]["strategy"] == "random"
     label = nib.load(state / "pacs" / "nifti" / "labels" / "final" / f"{image_id}.nii.gz")
