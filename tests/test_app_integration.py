@@ -228,7 +228,7 @@ def test_bad_requests_get_clear_errors_and_leave_state_intact(server, pool, tmp_
     assert not (pool / "labels" / "final" / f"{target}.nii.gz").exists()
 
 
-def test_a_worklist_is_worked_through_and_its_total_checked_against_the_measured_minutes(tmp_path):
+def test_a_worklist_is_worked_through_and_its_total_checked_against_the_measured_minutes_across_a_restart(tmp_path):
     """A server of its own: the worklist must not compete with the other tests' check-outs."""
     pool = tmp_path / "pool"
     write_pool(pool, count=6, size=48, seed=5, labeled_count=0, progress=False)
@@ -251,3 +251,6 @@ def test_a_worklist_is_worked_through_and_its_total_checked_against_the_measured
         assert calibration["median_batch_error"] < -0.9 and calibration["share_over_budget"] == 0.0
         other = carol.next_sample("random", {"budget_minutes": 40})
         assert other["worklist_id"] != answer["worklist_id"]
+    # Calibration is kept in the state database: a restarted server reports the same.
+    with running_server(pool, CONF, tmp_path / "server-restarted.log") as url:
+        assert client(url, "carol", tmp_path).info()["ichal"]["time_model"]["calibration"] == calibration
