@@ -18,7 +18,7 @@ from ichal.experiment import (
     make_data,
     run_protocol,
 )
-from ichal.experiment_plots import plot_paired_differences, time_calibration
+from ichal.experiment_plots import pick_time_diagnosis, plot_paired_differences, time_calibration
 from ichal.metrics import PairedDifference
 
 MINI = ExperimentConfig(name="mini", pool_count=16, test_count=3, size=32, rounds=2, members=2, iterations=4,
@@ -190,8 +190,8 @@ def test_time_calibration_reports_each_methods_batches_before_and_after(cost_run
         true, raw = batches[0]["picked_true_seconds"], batches[0]["picked_raw_predicted_seconds"]
         if len(batches) == 1:
             assert row["batch_error_raw"] == pytest.approx((true - raw) / raw)
-    table = (out / "cost_time_calibration.md").read_text()
-    assert table.count("\n") == 2 + len(rows)
+    table, diagnosis = (out / "cost_time_calibration.md").read_text().split("\n\n")
+    assert table.count("\n") == 1 + len(rows) and diagnosis.startswith("Pick-time predictor over")
 
 
 def test_time_calibration_figures_on_a_made_up_run():
@@ -209,3 +209,21 @@ def test_time_calibration_figures_on_a_made_up_run():
     assert row["batch_error"] == pytest.approx(np.median([0.5, -0.5]))
     assert row["over_budget"] == 0.5 and row["coverage"] == pytest.approx(3 / 5)
     assert row["selection_effect_raw"] == pytest.approx(0.35) and row["selection_effect"] == pytest.approx(0.1)
+
+
+def test_pick_time_diagnosis_counts_each_revealed_stack_once_and_splits_short_from_long():
+    crossfit = [{"id": "a", "predicted_log_seconds": np.log(100.0), "true_seconds": 50.0, "source": "crossfit"},
+                {"id": "b", "predicted_log_seconds": np.log(100.0), "true_seconds": 400.0, "source": "crossfit"}]
+    records = [
+        {"seed": 0, "method": "random", "pick_history": crossfit + [
+            {"id": "c", "predicted_log_seconds": np.log(200.0), "true_seconds": 800.0}]},
+        {"seed": 0, "method": "uncertainty", "pick_history": crossfit + [
+            {"id": "d", "predicted_log_seconds": np.log(300.0), "true_seconds": 30.0}]},
+        {"seed": 0, "method": "random", "round": 0},
+    ]
+    diagnosis = pick_time_diagnosis(records, short_seconds=120.0)
+    assert diagnosis["n"] == 4 and diagnosis["n_short"] == 2  # the shared seed-set stacks once, not per method
+    assert diagnosis["median_log_error_short"] == pytest.approx(np.median([np.log(0.5), np.log(0.1)]))
+    assert diagnosis["median_log_error_long"] == pytest.approx(np.median([np.log(4.0), np.log(4.0)]))
+    assert -1.0 <= diagnosis["correlation"] <= 1.0
+    assert pick_time_diagnosis(records[2:])["n"] == 0

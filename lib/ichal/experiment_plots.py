@@ -221,6 +221,41 @@ def time_calibration_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pick_time_diagnosis(records: Sequence[dict], short_seconds: float = 120.0) -> dict:
+    """How much the pick-time predictor (the raw time model on committee masks) knows, over every stack whose
+    true time a cost run revealed (`pick_history`: the seed set's cross-fitted predictions and each method's
+    picks, each once): n, correlation of predicted and true log-seconds, median |log error|, and the median
+    log error (log true/predicted) of the stacks labeled in under `short_seconds` and of the others."""
+    pairs: dict[tuple, tuple[float, float]] = {}
+    for record in records:
+        for entry in record.get("pick_history") or []:
+            key = (record["seed"], entry["id"], entry.get("source") or record["method"])
+            pairs[key] = (entry["predicted_log_seconds"], float(np.log(entry["true_seconds"])))
+    if len(pairs) < 3:
+        return {"n": len(pairs)}
+    predicted, true = np.array(list(pairs.values())).T
+    error = true - predicted
+    short = true < np.log(short_seconds)
+    return {
+        "n": len(pairs), "correlation": float(np.corrcoef(predicted, true)[0, 1]),
+        "median_abs_log_error": float(np.median(np.abs(error))), "short_seconds": short_seconds,
+        "n_short": int(short.sum()), "median_log_error_short": float(np.median(error[short])) if short.any() else None,
+        "median_log_error_long": float(np.median(error[~short])) if (~short).any() else None,
+    }
+
+
+def pick_time_diagnosis_text(diagnosis: dict) -> str:
+    if diagnosis["n"] < 3:
+        return ""
+    def factor(log_error: float | None) -> str:
+        return "-" if log_error is None else f"{log_error:+.2f} (x{np.exp(log_error):.2g})"
+    return (f"\nPick-time predictor over {diagnosis['n']} revealed stacks: correlation of predicted and true "
+            f"log-seconds {diagnosis['correlation']:.2f}, median |log error| {diagnosis['median_abs_log_error']:.2f}; "
+            f"median log error (true/predicted) of the {diagnosis['n_short']} stacks labeled in under "
+            f"{diagnosis['short_seconds']:.0f} s {factor(diagnosis['median_log_error_short'])}, "
+            f"of the others {factor(diagnosis['median_log_error_long'])}.\n")
+
+
 def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> None:
     """OUT/<protocol>_results.csv, OUT/<protocol>_ap.png and OUT/<protocol>_table.md from the records;
     for the cost protocol also OUT/cost_time_calibration.md (`time_calibration`)."""
@@ -233,4 +268,5 @@ def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> Non
     atomic_write_bytes(out / f"{protocol}_table.md", markdown_table(protocol, summary).encode())
     calibration = time_calibration(records)
     if protocol == "cost" and calibration:
-        atomic_write_bytes(out / "cost_time_calibration.md", time_calibration_table(calibration).encode())
+        text = time_calibration_table(calibration) + pick_time_diagnosis_text(pick_time_diagnosis(records))
+        atomic_write_bytes(out / "cost_time_calibration.md", text.encode())
