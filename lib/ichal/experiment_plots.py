@@ -234,3 +234,25 @@ def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> Non
     calibration = time_calibration(records)
     if protocol == "cost" and calibration:
         atomic_write_bytes(out / "cost_time_calibration.md", time_calibration_table(calibration).encode())
+
+
+def plot_iterations_curve(rows: Sequence[dict], path: Path, levels: Sequence[str] = ("pixel_ap", "stack_ap")) -> None:
+    """Is the committee data-limited? One panel per AP level: AP against labeled stacks, one line per
+    training-iteration count. `rows`: dicts with `train_stacks`, `iterations` and the levels."""
+    figure, axes = plt.subplots(1, len(levels), figsize=(5.5 * len(levels), 4.5), constrained_layout=True)
+    for axis, level in zip(np.atleast_1d(axes), levels):
+        for iterations in sorted({r["iterations"] for r in rows}):
+            points = sorted((r for r in rows if r["iterations"] == iterations), key=lambda r: r["train_stacks"])
+            axis.plot([p["train_stacks"] for p in points], [p[level] for p in points], marker="o",
+                      label=f"{iterations} iterations")
+        axis.set_xscale("log", base=2)
+        axis.set_title(level.replace("_ap", " AP"))
+        axis.set_xlabel("labeled stacks (nested subsets of one pool)")
+        axis.set_ylabel("AP on held-out test set")
+        axis.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    figure.suptitle("committee AP vs. labeled stacks per training length")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
