@@ -297,12 +297,13 @@ def _read_json(path: Path) -> dict | None:
 
 
 class _Run:
-    """One protocol over several seeds in folder `out`; every finished cell is a JSON record."""
+    """One protocol on one data set (shared by the seeds, or one seed's own) in folder `out`; every finished cell
+    is a JSON record."""
 
-    def __init__(self, protocol: str, config: ExperimentConfig, data: Data, out: Path, methods: Sequence[str],
+    def __init__(self, protocol: str, config: ExperimentConfig, data: Data, out: Path,
                  progress: bool, on_record: Callable[[dict], None] | None) -> None:
         self.protocol, self.config, self.data, self.out = protocol, config, data, out
-        self.methods, self.progress, self.on_record = tuple(methods), progress, on_record
+        self.progress, self.on_record = progress, on_record
         self.total_seconds = data.true_seconds(data.pool_ids)
         self.finished: list[dict] = []  # records of the cells this object computed, in order
         self._score_cache: dict[str, dict[str, StackScores]] = {}
@@ -533,7 +534,6 @@ class _Task:
     protocol: str
     config: ExperimentConfig
     out: Path
-    methods: tuple[str, ...]
     seed: int
     method: str | None
 
@@ -553,7 +553,7 @@ def _run_task(task: _Task) -> list[dict]:
         _worker_run.clear()
         data = _seed_data(task.protocol, task.config, task.out, task.seed, False) if task.protocol == "hours" \
             else make_data(task.config, False)
-        _worker_run[key] = _Run(task.protocol, task.config, data, task.out, task.methods, False, None)
+        _worker_run[key] = _Run(task.protocol, task.config, data, task.out, False, None)
     run = _worker_run[key]
     before = len(run.finished)
     if task.method is None:
@@ -637,13 +637,13 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
         if workers == 1:
             for seed in seeds:
                 seed_data = _seed_data(protocol, config, out, seed, progress) if protocol == "hours" else shared_data
-                run = _Run(protocol, config, seed_data, out, methods, progress, count)
+                run = _Run(protocol, config, seed_data, out, progress, count)
                 run.shared_cells(seed)
                 for method in methods:
                     run.method_cells(seed, method)
                 write_report(protocol, out, load_records(out, protocol))
         else:
-            tasks = [_Task(protocol, config, out, methods, seed, method) for seed in seeds for method in (None, *methods)]
+            tasks = [_Task(protocol, config, out, seed, method) for seed in seeds for method in (None, *methods)]
             left = {seed: 1 + len(methods) for seed in seeds}
 
             def done(task: _Task, records: list[dict]) -> None:
