@@ -132,10 +132,12 @@ CONFIGS: dict[str, ExperimentConfig] = {
     # on one shared CPU core.
     "quick": ExperimentConfig(name="quick", pool_count=40, test_count=16, size=64, rounds=2, members=2,
                               iterations=400, coreset_seed_fraction=1 / 8),
-    # Per-hour protocol (issue 18) on 2 CPU cores: 120-stack pools (one per seed), 60 test stacks, 2 members;
-    # iterations from the measured curve (benchmarks/iterations_curve.py, docs/results.md).
+    # Per-hour protocol (issue 18) on 2 CPU cores: 120-stack pools (one per seed), 60 test stacks, 2 members.
+    # 3200 iterations: the shortest measured training at which pixel, frame and stack AP all rose with every
+    # doubling of 15 -> 120 labeled stacks (benchmarks/iterations_curve.py; at 1600, 30 stacks scored below
+    # 15). Estimated 6 h for 8 seeds on 2 otherwise idle cores, over the 4 h aimed at (docs/results.md).
     "hours": ExperimentConfig(name="hours", pool_count=120, test_count=60, size=64, rounds=5, members=2,
-                              iterations=1200),
+                              iterations=3200),
     # Paper-sized (section 4/5: 934 train-val, 313 test, seed 1/32 doubled to the whole set, 4 members): a GPU.
     "full": ExperimentConfig(name="full", pool_count=934, test_count=313, size=256, rounds=5, members=4,
                              iterations=4000, batch_size=32, preset="drn38", device="cuda", batch_slices=32),
