@@ -161,7 +161,7 @@ def plot_hours_curves(records: Sequence[dict], path: Path, labels: dict[str, str
             grid = np.linspace(start, stop, GRID_POINTS)
             mean, low, high = curve_band(per_seed, grid) if len(per_seed) > 1 else (
                 np.interp(grid, *per_seed[0]), None, None)
-            line, = axis.plot(grid, mean, label=f"{labels.get(method, method)} ({len(per_seed)} seeds)")
+            line, = axis.plot(grid, mean, label=f"{labels.get(method, method)} ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})")
             if low is not None:
                 axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.15)
         if references:
