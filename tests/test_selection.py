@@ -18,6 +18,7 @@ from ichal.selection import (
     cold_start_select,
     knapsack_select,
     random_select,
+    roi_select,
     uncertainty_select,
 )
 
@@ -106,6 +107,7 @@ def test_knapsack_refuses_a_choice_table_over_the_memory_limit():
         lambda v, s, b: uncertainty_select(v, s, b),
         lambda v, s, b: acft_select(v, s, b, np.random.default_rng(0)),
         lambda v, s, b: random_select(s, b, np.random.default_rng(0), values=v),
+        lambda v, s, b: roi_select(v, s, b),
         lambda v, s, b: cold_start_select(np.zeros((len(v), 3)), s, b, np.random.default_rng(0)),
     ],
 )
@@ -153,6 +155,31 @@ def test_uncertainty_select_takes_values_descending_and_skips_what_does_not_fit(
     selection = uncertainty_select(values, seconds, 400.0)
     assert selection.indices.tolist() == [1, 3]  # 0.7 and 0.5 no longer fit after the 300 s stack
     assert selection.total_value == pytest.approx(1.0) and selection.total_seconds == pytest.approx(350.0)
+
+
+def test_roi_select_takes_value_per_second_descending_while_it_fits():
+    values = np.array([0.9, 0.5, 0.3, 0.2, 0.0])
+    seconds = np.array([300.0, 100.0, 30.0, 400.0, 1.0])  # ratios 0.003, 0.005, 0.01, 0.0005, 0
+    selection = roi_select(values, seconds, 420.0)
+    # 30 s (0.01/s), then 100 s (0.005/s); the 300 s stack no longer fits, the 400 s one neither; the zero-value
+    # stack is never taken although it would fit. By value alone (uncertainty) the 300 s stack comes first.
+    assert selection.indices.tolist() == [2, 1]
+    assert selection.total_seconds == pytest.approx(130.0) and selection.total_value == pytest.approx(0.8)
+    assert uncertainty_select(values, seconds, 420.0).indices.tolist()[0] == 0
+
+
+def test_roi_select_takes_free_stacks_first_and_never_exceeds_the_budget():
+    rng = np.random.default_rng(3)
+    values, seconds = rng.random(60), rng.uniform(5, 900, 60)
+    seconds[7] = 0.0
+    selection = roi_select(values, seconds, 2500.0)
+    assert selection.indices[0] == 7
+    assert selection.total_seconds <= 2500.0
+    ratio = values[selection.indices[1:]] / seconds[selection.indices[1:]]
+    assert (np.diff(ratio) <= 0).all(), "picked out of value-per-second order"
+    assert _fits_no_more(selection, seconds, 2500.0)
+    # A knapsack packs at least as much value into the same budget.
+    assert knapsack_select(values, seconds, 2500.0, 1.0).total_value >= selection.total_value - 1e-9
 
 
 def test_acft_select_with_omega_one_takes_the_top_batch():

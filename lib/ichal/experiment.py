@@ -1,14 +1,18 @@
-"""Active-learning experiments on generated pools: core-set growth and cost-sensitive budget rounds.
+"""Active-learning experiments on generated pools: core-set growth, cost-sensitive and per-hour budget rounds.
 
 Kuo et al. 2018, sections 5.1 (core-set: seed 1/32, doubled per round) and 5.2 (seed = half the pool,
-+10% of the pool's labeling time per round); DESIGN.md "Evaluation protocol".
++10% of the pool's labeling time per round); DESIGN.md "Evaluation protocol"; issue 18 (`hours`: a small
+seed set, then rounds of 5% of the pool's true labeling time, each seed with its own generated pool).
 
     python -m ichal.experiment coreset --config quick --out out/experiments/quick --seeds 0 1 2
     python -m ichal.experiment cost --config quick --out out/experiments/quick --seeds 0 1 2 --resume
+    python -m ichal.experiment hours --config hours --out out/experiments/hours --seeds 0 1 2 3 4 5 6 7 --workers 2
 
 Every (method, seed, round) cell is persisted as JSON (after its checkpoint) under
-OUT/<protocol>/seed<s>/; a rerun with --resume skips finished cells. Results: OUT/<protocol>_results.csv,
-OUT/<protocol>_ap.png and OUT/<protocol>_table.md (see `ichal.experiment_plots`).
+OUT/<protocol>/seed<s>/; a rerun with --resume skips finished cells. With --workers N the seeds' shared
+cells and then each (seed, method)'s rounds run in N processes. Results: OUT/<protocol>_results.csv,
+OUT/<protocol>_ap.png and OUT/<protocol>_table.md (see `ichal.experiment_plots`; for `hours` also
+`ichal.experiment_hours`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,18 +40,34 @@ from ichal.ensemble import EnsembleModel, load_ensemble, predict_stack, save_ens
 from ichal.io import atomic_write_bytes
 from ichal.metrics import DetectionEvaluator, stack_scores
 from ichal.phantom import PhantomStack, generate_pool
-from ichal.selection import Selection, acft_select, knapsack_select, random_select, uncertainty_select
+from ichal.selection import (
+    Selection,
+    acft_select,
+    knapsack_select,
+    random_select,
+    roi_select,
+    uncertainty_select,
+)
 from ichal.time_intervals import fit_log_error_model, select_within_budget_at_confidence
 from ichal.train import TrainItem, TrainSettings, train_ensemble
 from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
 
-PROTOCOLS = ("coreset", "cost")
-METHODS = ("random", "uncertainty", "cost_sensitive", "acft", "foreground_random")
+PROTOCOLS = ("coreset", "cost", "hours")
+# `oracle_cost`: the knapsack on the TRUE seconds (an upper bound that separates the value measure from
+# time-estimate errors); `roi`: value per predicted second, greedy.
+METHODS = ("random", "uncertainty", "cost_sensitive", "acft", "foreground_random", "oracle_cost", "roi")
 # With one second per stack the knapsack maximizes the summed value of n stacks: the top n by value,
 # i.e. exactly `uncertainty`; the core-set protocol therefore runs the other four.
-PROTOCOL_METHODS = {"coreset": ("random", "uncertainty", "acft", "foreground_random"), "cost": METHODS}
+PROTOCOL_METHODS = {
+    "coreset": ("random", "uncertainty", "acft", "foreground_random"),
+    "cost": ("random", "uncertainty", "cost_sensitive", "acft", "foreground_random"),
+    "hours": ("random", "foreground_random", "uncertainty", "cost_sensitive", "oracle_cost", "roi", "acft"),
+}
 TEST_SEED_OFFSET = 1000  # the test set comes from generator seed data_seed + 1000: disjoint from the pool
-FULL_POOL = "full_pool"  # core-set reference: an ensemble trained on the whole pool
+# Per-hour protocol: seed s's pool comes from generator seed data_seed + PER_SEED_DATA_STRIDE * (s + 1), so
+# no seed's pool or test set meets another's, nor the shared pool of the other protocols.
+PER_SEED_DATA_STRIDE = 10_000
+FULL_POOL = "full_pool"  # reference (core-set and per-hour): an ensemble trained on the whole pool
 
 
 class ExperimentError(ValueError):
@@ -58,7 +80,8 @@ class ExperimentConfig:
 
     `coreset_seed_fraction`: share of the pool labeled at round 0 of the core-set protocol (paper 1/32);
     `cost_seed_fraction`: same for the cost protocol (paper 1/2); `budget_fraction`: each cost round's
-    budget as a share of the whole pool's true labeling seconds (paper 10%). `foreground_threshold`:
+    budget as a share of the whole pool's true labeling seconds (paper 10%). `hours_seed_fraction` and
+    `hours_budget_fraction`: the same two for the per-hour protocol (issue 18). `foreground_threshold`:
     stack score at or above which `foreground_random` counts a stack as positive.
     """
 
@@ -75,6 +98,8 @@ class ExperimentConfig:
     coreset_seed_fraction: float = 1 / 32
     cost_seed_fraction: float = 0.5
     budget_fraction: float = 0.10
+    hours_seed_fraction: float = 1 / 8
+    hours_budget_fraction: float = 0.05
     data_seed: int = 0
     foreground_threshold: float = 0.5
     knapsack_resolution_seconds: float = 10.0
@@ -91,7 +116,8 @@ class ExperimentConfig:
         for name in ("pool_count", "test_count", "rounds", "members", "iterations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ExperimentError(f"config {self.name!r}: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("coreset_seed_fraction", "cost_seed_fraction", "budget_fraction", "budget_confidence"):
+        for name in ("coreset_seed_fraction", "cost_seed_fraction", "budget_fraction", "hours_seed_fraction",
+                     "hours_budget_fraction", "budget_confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ExperimentError(f"config {self.name!r}: {name} must be in (0, 1), got {getattr(self, name)}")
         if self.crossfit_folds == 1 or self.crossfit_folds < 0:
@@ -106,6 +132,12 @@ CONFIGS: dict[str, ExperimentConfig] = {
     # on one shared CPU core.
     "quick": ExperimentConfig(name="quick", pool_count=40, test_count=16, size=64, rounds=2, members=2,
                               iterations=400, coreset_seed_fraction=1 / 8),
+    # Per-hour protocol (issue 18) on 2 CPU cores: 120-stack pools (one per seed), 60 test stacks, 2 members.
+    # 3200 iterations: the shortest measured training at which pixel, frame and stack AP all rose with every
+    # doubling of 15 -> 120 labeled stacks (benchmarks/iterations_curve.py; at 1600, 30 stacks scored below
+    # 15). Estimated 6 h for 8 seeds on 2 otherwise idle cores, over the 4 h aimed at (docs/results.md).
+    "hours": ExperimentConfig(name="hours", pool_count=120, test_count=60, size=64, rounds=5, members=2,
+                              iterations=3200),
     # Paper-sized (section 4/5: 934 train-val, 313 test, seed 1/32 doubled to the whole set, 4 members): a GPU.
     "full": ExperimentConfig(name="full", pool_count=934, test_count=313, size=256, rounds=5, members=4,
                              iterations=4000, batch_size=32, preset="drn38", device="cuda", batch_slices=32),
@@ -163,6 +195,13 @@ def make_data(config: ExperimentConfig, progress: bool = True) -> Data:
     true_features = {s.id: mask_features(s.label.astype(np.float32), s.spacing_mm, DEFAULT_CONFIG.feature_thresholds)
                      for s in pool}
     return Data(pool=pool, test=test, true_features=true_features)
+
+
+def protocol_data_config(protocol: str, config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """`config` with the `data_seed` of seed `seed`'s pool: the seed's own for `hours`, else the shared one."""
+    if protocol != "hours":
+        return config
+    return dataclasses.replace(config, data_seed=config.data_seed + PER_SEED_DATA_STRIDE * (seed + 1))
 
 
 def train_labeled(config: ExperimentConfig, data: Data, labeled_ids: Sequence[str], train_seed: int,
@@ -224,14 +263,17 @@ def foreground_random_select(stack_score: np.ndarray, seconds: np.ndarray, budge
 
 def select_batch(method: str, scores: Sequence[StackScores], seconds: np.ndarray, budget_seconds: float,
                  rng: np.random.Generator, config: ExperimentConfig) -> Selection:
-    """Run selector `method` on unlabeled stacks (their scores and predicted `seconds`, (n,)) under the budget."""
+    """Run selector `method` on unlabeled stacks (their scores and `seconds`, (n,): predicted seconds, for
+    `oracle_cost` the true ones) under the budget."""
     values = np.array([s.value for s in scores])
     if method == "random":
         return random_select(seconds, budget_seconds, rng, values)
     if method == "uncertainty":
         return uncertainty_select(values, seconds, budget_seconds)
-    if method == "cost_sensitive":
+    if method in ("cost_sensitive", "oracle_cost"):
         return knapsack_select(values, seconds, budget_seconds, config.knapsack_resolution_seconds)
+    if method == "roi":
+        return roi_select(values, seconds, budget_seconds)
     if method == "acft":
         return acft_select(np.array([s.acft for s in scores]), seconds, budget_seconds, rng)
     if method == "foreground_random":
@@ -257,14 +299,19 @@ def _read_json(path: Path) -> dict | None:
 
 
 class _Run:
-    """One protocol over several seeds in folder `out`; every finished cell is a JSON record."""
+    """One protocol on one data set (shared by the seeds, or one seed's own) in folder `out`; every finished cell
+    is a JSON record."""
 
-    def __init__(self, protocol: str, config: ExperimentConfig, data: Data, out: Path, methods: Sequence[str],
+    def __init__(self, protocol: str, config: ExperimentConfig, data: Data, out: Path,
                  progress: bool, on_record: Callable[[dict], None] | None) -> None:
         self.protocol, self.config, self.data, self.out = protocol, config, data, out
-        self.methods, self.progress, self.on_record = tuple(methods), progress, on_record
+        self.progress, self.on_record = progress, on_record
         self.total_seconds = data.true_seconds(data.pool_ids)
+        self.finished: list[dict] = []  # records of the cells this object computed, in order
         self._score_cache: dict[str, dict[str, StackScores]] = {}
+        self.seed_fraction = {"coreset": config.coreset_seed_fraction, "cost": config.cost_seed_fraction,
+                              "hours": config.hours_seed_fraction}[protocol]
+        self.budget_fraction = config.hours_budget_fraction if protocol == "hours" else config.budget_fraction
 
     def cell_dir(self, seed: int, method: str | None) -> Path:
         return self.out / self.protocol / f"seed{seed}" / (method or "shared")
@@ -274,6 +321,7 @@ class _Run:
         folder = self.cell_dir(seed, method)
         save_ensemble(model, folder / f"round{round_index}.pt")
         _write_json(folder / f"round{round_index}.json", record)
+        self.finished.append(record)
         if self.on_record is not None:
             self.on_record(record)
         return record
@@ -300,14 +348,13 @@ class _Run:
         path = self.cell_dir(seed, None) / "round0.json"
         if (record := _read_json(path)) is not None:
             return record
-        fraction = self.config.coreset_seed_fraction if self.protocol == "coreset" else self.config.cost_seed_fraction
-        count = max(1, int(round(fraction * len(self.data.pool))))
+        count = max(1, int(round(self.seed_fraction * len(self.data.pool))))
         order = np.random.default_rng([seed, 0]).permutation(len(self.data.pool))
         labeled = sorted(self.data.pool_ids[i] for i in order[:count])
         return self._train_and_finish(seed, None, 0, labeled)
 
     def full_pool_cell(self, seed: int) -> dict:
-        """Core-set reference: the whole pool labeled (the paper's S1)."""
+        """Reference of the core-set (the paper's S1) and per-hour protocols: the whole pool labeled."""
         path = self.cell_dir(seed, FULL_POOL) / "round0.json"
         if (record := _read_json(path)) is not None:
             return record
@@ -359,24 +406,29 @@ class _Run:
                                           [self.data.true_seconds([i]) for i in previous["labeled_ids"]])
         scores_by_id = self._scores(previous_model, unlabeled)
         scores = [scores_by_id[stack.id] for stack in unlabeled]
-        true_log = np.log([self.data.true_seconds([stack.id]) for stack in unlabeled])
+        true_seconds = np.array([self.data.true_seconds([stack.id]) for stack in unlabeled])
+        true_log = np.log(true_seconds)
         # As the app does: the true-mask time model on the committee's predicted masks, recalibrated on
         # what earlier rounds of this run predicted at pick time and then measured (`ichal.time_intervals`).
         history = previous.get("pick_history")
         if history is None:  # round 1: the seed set's cross-fitted errors stand in for earlier picks
             history = self.crossfit_history(seed, previous["labeled_ids"]) \
-                if self.protocol == "cost" and self.config.crossfit_folds else []
+                if self.protocol != "coreset" and self.config.crossfit_folds else []
         errors = fit_log_error_model(np.array([h["predicted_log_seconds"] for h in history]),
                                      np.log([h["true_seconds"] for h in history]), time_model.residual_std_)
         raw_log = time_model.predict_log([s.features for s in scores])
         medians = np.exp(errors.adjust(raw_log))
         expected = medians * errors.mean_factor()
         high_total = float("nan")
+        budget = self.budget_fraction * self.total_seconds
         if self.protocol == "coreset":  # doubling: as many new stacks as are labeled, one "second" each
             indices = select_batch(method, scores, np.ones(len(unlabeled)), float(len(labeled)),
                                    _rng(seed, method, round_index), self.config).indices
+        elif method == "oracle_cost":  # knows the true seconds: the batch's total is exact, no interval needed
+            indices = select_batch(method, scores, true_seconds, budget, _rng(seed, method, round_index),
+                                   self.config).indices
+            high_total = math.fsum(true_seconds[indices])
         else:
-            budget = self.config.budget_fraction * self.total_seconds
 
             def select(times: np.ndarray, budget_seconds: float) -> np.ndarray:
                 return select_batch(method, scores, times, budget_seconds, _rng(seed, method, round_index),
@@ -396,10 +448,12 @@ class _Run:
             else 0.0
         batch = {
             "budget": float(len(labeled)) if self.protocol == "coreset" else budget,
-            "budget_unit": "stacks" if self.protocol == "coreset" else "true seconds at confidence",
+            "budget_unit": "stacks" if self.protocol == "coreset"
+            else "true seconds, exact (oracle)" if method == "oracle_cost" else "true seconds at confidence",
             "budget_confidence": self.config.budget_confidence,
             "picked_ids": picked, "n_picked": len(picked),
-            "picked_budget_used": picked_predicted if self.protocol == "cost" else float(len(picked)),
+            "picked_budget_used": float(len(picked)) if self.protocol == "coreset"
+            else picked_true if method == "oracle_cost" else picked_predicted,
             "picked_predicted_seconds": picked_predicted, "picked_high_seconds": high_total,
             # Today's (before issue 17) estimate: the true-mask model's mean on predicted masks, no recalibration.
             "picked_raw_predicted_seconds": math.fsum(np.exp(raw_log[indices] + 0.5 * time_model.residual_std_**2)),
@@ -426,25 +480,29 @@ class _Run:
         }
         return self._train_and_finish(seed, method, round_index, sorted(labeled | set(picked)), **batch)
 
-    def run_seed(self, seed: int, bar: tqdm) -> None:
+    def shared_cells(self, seed: int) -> None:
+        """What every method of `seed` starts from: round 0, the whole-pool reference (core-set and per-hour),
+        and the seed set's cross-fitted time errors (cost and per-hour)."""
         start = self.seed_cell(seed)
-        bar.update(1)
-        if self.protocol == "coreset":
+        if self.protocol in ("coreset", "hours"):
             self.full_pool_cell(seed)
-            bar.update(1)
-        for method in self.methods:
-            previous, model_path = start, self.cell_dir(seed, None) / "round0.pt"
-            for round_index in range(1, self.config.rounds + 1):
-                bar.set_postfix(seed=seed, method=method, round=round_index)
-                previous = self.round_cell(seed, method, round_index, previous, model_path)
-                model_path = self.cell_dir(seed, method) / f"round{round_index}.pt"
-                bar.update(1)
+        if self.protocol != "coreset" and self.config.crossfit_folds:
+            self.crossfit_history(seed, start["labeled_ids"])
+
+    def method_cells(self, seed: int, method: str) -> None:
+        """Rounds 1..R of `method` from `seed`'s round 0 (run `shared_cells` first)."""
+        previous, model_path = self.seed_cell(seed), self.cell_dir(seed, None) / "round0.pt"
+        for round_index in range(1, self.config.rounds + 1):
+            previous = self.round_cell(seed, method, round_index, previous, model_path)
+            model_path = self.cell_dir(seed, method) / f"round{round_index}.pt"
 
 
-def _check_out_dir(out: Path, protocol: str, config: ExperimentConfig, data: Data, resume: bool) -> None:
-    """Write OUT/<protocol>_config.json (config + data fingerprint), or check it matches when resuming."""
+def _check_out_dir(out: Path, protocol: str, config: ExperimentConfig, data: Data | None, resume: bool) -> None:
+    """Write OUT/<protocol>_config.json (config, + the data fingerprint when seeds share the data), or check it
+    matches when resuming. Per-seed data (`hours`) is checked by `_seed_data`."""
     path = out / f"{protocol}_config.json"
-    wanted = dataclasses.asdict(config) | {"data_fingerprint": data.fingerprint()}
+    wanted = dataclasses.asdict(config) | ({"data_fingerprint": data.fingerprint()} if data is not None
+                                           else {"data_fingerprint": "per seed: <protocol>/seed<s>/data.json"})
     existing = _read_json(path)
     if existing is not None and not resume:
         raise ExperimentError(f"{out} already holds a {protocol} run; pass --resume to continue it or choose "
@@ -456,15 +514,94 @@ def _check_out_dir(out: Path, protocol: str, config: ExperimentConfig, data: Dat
         _write_json(path, wanted)
 
 
+def _seed_data(protocol: str, config: ExperimentConfig, out: Path, seed: int, progress: bool) -> Data:
+    """Seed `seed`'s own pool and test set (`hours`), checked against (or recorded in)
+    OUT/<protocol>/seed<s>/data.json, so a resumed run refuses a changed generator."""
+    data_config = protocol_data_config(protocol, config, seed)
+    data = make_data(data_config, progress)
+    path = out / protocol / f"seed{seed}" / "data.json"
+    wanted = {"data_seed": data_config.data_seed, "data_fingerprint": data.fingerprint()}
+    existing = _read_json(path)
+    if existing is not None and existing != wanted:
+        raise ExperimentError(f"cannot resume seed {seed}: {path} records {existing}, the generator now gives {wanted}")
+    if existing is None:
+        _write_json(path, wanted)
+    return data
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Work for one process: seed `seed`'s shared cells (`method` None) or one method's rounds."""
+
+    protocol: str
+    config: ExperimentConfig
+    out: Path
+    seed: int
+    method: str | None
+
+
+_worker_run: dict[tuple, _Run] = {}  # in a worker process: the run of the data it used last
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_task(task: _Task) -> list[dict]:
+    """Run `task` in a worker process; returns the records of the cells it computed. The worker keeps the
+    last data it generated (and its round-0 scores), so consecutive tasks of one seed generate it once."""
+    key = (task.protocol, task.config, task.out, task.seed if task.protocol == "hours" else None)
+    if key not in _worker_run:
+        _worker_run.clear()
+        data = _seed_data(task.protocol, task.config, task.out, task.seed, False) if task.protocol == "hours" \
+            else make_data(task.config, False)
+        _worker_run[key] = _Run(task.protocol, task.config, data, task.out, False, None)
+    run = _worker_run[key]
+    before = len(run.finished)
+    if task.method is None:
+        run.shared_cells(task.seed)
+    else:
+        run.method_cells(task.seed, task.method)
+    return run.finished[before:]
+
+
+def _run_in_workers(tasks: Sequence[_Task], workers: int, threads: int, on_done: Callable[[_Task, list[dict]], None]
+                    ) -> None:
+    """Run every seed's shared task, then its method tasks as soon as it is done, in `workers` processes
+    (spawned: a forked torch may hang). `on_done(task, records)` runs here as each task finishes. On an
+    error the queued tasks are cancelled; running ones finish their current cell and stop."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        pending: dict[Future, _Task] = {pool.submit(_run_task, t): t for t in tasks if t.method is None}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = pending.pop(future)
+                    records = future.result()
+                    if task.method is None:
+                        pending |= {pool.submit(_run_task, t): t for t in tasks
+                                    if t.seed == task.seed and t.method is not None}
+                    on_done(task, records)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds: Sequence[int], *,
                  resume: bool = False, methods: Sequence[str] | None = None, data: Data | None = None,
-                 progress: bool = True, on_record: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run `protocol` ("coreset" or "cost") for every seed; returns all records (see `load_records`).
+                 progress: bool = True, on_record: Callable[[dict], None] | None = None, workers: int = 1,
+                 threads: int = 1) -> list[dict]:
+    """Run `protocol` ("coreset", "cost" or "hours") for every seed; returns all records (see `load_records`).
 
-    Seeds share the pool and test set (generated from `config.data_seed`) and differ by seed set, random
-    choices and training seeds; all methods of a seed share its round 0. `on_record(record)` is called
-    after each newly finished cell (tests interrupt a run there). After each seed the CSV, plot and
-    table are rewritten, so an interrupted run still leaves a report of what finished.
+    Core-set and cost: seeds share the pool and test set (generated from `config.data_seed`, or `data`)
+    and differ by seed set, random choices and training seeds. Per-hour (`hours`): each seed generates its
+    own pool and test set (`protocol_data_config`). All methods of a seed share its round 0.
+    `on_record(record)` is called after each newly finished cell (tests interrupt a run there; with
+    several workers, when the task holding the cell is done). `workers` > 1 runs the seeds' shared cells
+    and then each (seed, method)'s rounds in that many processes of `threads` torch threads each; the
+    records equal a one-process run's. After each seed the CSV, plot and table are rewritten, so an
+    interrupted run still leaves a report of what finished.
     """
     from ichal.experiment_plots import write_report
 
@@ -477,19 +614,48 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
         raise ExperimentError(f"unknown methods {unknown}; expected some of {METHODS}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ExperimentError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    if workers < 1:
+        raise ExperimentError(f"workers must be at least 1, got {workers}")
+    if data is not None and (protocol == "hours" or workers > 1):
+        raise ExperimentError("data can be passed only to a one-worker core-set or cost run; per-hour seeds "
+                              "generate their own pools, workers their own copy")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / f"{protocol}_config.json").exists():
         raise ExperimentError(f"{out} already holds a {protocol} run; pass --resume to continue it or choose "
                               "another --out")
-    data = data or make_data(config, progress)
-    _check_out_dir(out, protocol, config, data, resume)
-    run = _Run(protocol, config, data, out, methods, progress, on_record)
-    cells_per_seed = 1 + (protocol == "coreset") + len(methods) * config.rounds
-    with tqdm(total=cells_per_seed * len(seeds), desc=f"{protocol} cells", unit="cell", disable=not progress) as bar:
-        for seed in seeds:
-            run.run_seed(seed, bar)
-            write_report(protocol, out, load_records(out, protocol))
+    shared_data = None if protocol == "hours" else data or make_data(config, progress)
+    _check_out_dir(out, protocol, config, shared_data, resume)
+    cells_per_seed = 1 + (protocol != "cost") + len(methods) * config.rounds
+    already = sum(1 for seed in seeds for _ in (out / protocol / f"seed{seed}").rglob("round*.json"))
+    with tqdm(total=cells_per_seed * len(seeds), initial=already, desc=f"{protocol} cells", unit="cell",
+              disable=not progress) as bar:
+        def count(record: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(seed=record["seed"], method=record["method"], round=record["round"])
+            if on_record is not None:
+                on_record(record)
+
+        if workers == 1:
+            for seed in seeds:
+                seed_data = _seed_data(protocol, config, out, seed, progress) if protocol == "hours" else shared_data
+                run = _Run(protocol, config, seed_data, out, progress, count)
+                run.shared_cells(seed)
+                for method in methods:
+                    run.method_cells(seed, method)
+                write_report(protocol, out, load_records(out, protocol))
+        else:
+            tasks = [_Task(protocol, config, out, seed, method) for seed in seeds for method in (None, *methods)]
+            left = {seed: 1 + len(methods) for seed in seeds}
+
+            def done(task: _Task, records: list[dict]) -> None:
+                for record in records:
+                    count(record)
+                left[task.seed] -= 1
+                if not left[task.seed]:
+                    write_report(protocol, out, load_records(out, protocol))
+
+            _run_in_workers(tasks, workers, threads, done)
     return load_records(out, protocol)
 
 
@@ -524,7 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="share of the pool labeled at round 0 (default: the config's for the protocol)")
     parser.add_argument("--lookalike-fraction", type=float,
                         help="share of negative training patches on blood-density look-alikes (default 0.5; 0: the sampler of docs/results.md)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per worker)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes running seeds' shared cells and (seed, method) round chains in parallel")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report_only:
@@ -539,9 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lookalike_fraction is not None:
             config = dataclasses.replace(config, lookalike_fraction=args.lookalike_fraction)
         if args.seed_fraction is not None:
-            field = "coreset_seed_fraction" if args.protocol == "coreset" else "cost_seed_fraction"
+            field = f"{args.protocol}_seed_fraction"
             config = dataclasses.replace(config, **{field: args.seed_fraction})
-        run_protocol(args.protocol, config, args.out, args.seeds, resume=args.resume, methods=args.methods)
+        run_protocol(args.protocol, config, args.out, args.seeds, resume=args.resume, methods=args.methods,
+                     workers=args.workers, threads=args.threads)
     except ExperimentError as error:
         parser.error(str(error))
     print(f"wrote {args.out / f'{args.protocol}_results.csv'}, {args.protocol}_ap.png, {args.protocol}_table.md")

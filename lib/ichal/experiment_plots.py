@@ -28,27 +28,38 @@ CSV_COLUMNS = (
     "picked_in_interval", *AP_LEVELS, "dice", "mean_dice_positive", "train_seconds",
     "picked_ids",
 )
+# The per-hour protocol's CSV (issue 18) names what the radiologist spent: column -> record key.
+HOURS_CSV_SOURCES = {
+    "labeled_true_hours": "labeled_hours", "batch_predicted_seconds": "picked_predicted_seconds",
+    "batch_high_seconds": "picked_high_seconds", "batch_true_seconds": "picked_true_seconds",
+}
+HOURS_CSV_COLUMNS = (
+    "seed", "method", "round", "n_labeled", "labeled_true_hours", "n_picked", "picked_positive", "budget",
+    "batch_predicted_seconds", "batch_high_seconds", "batch_true_seconds", "picked_in_interval", *AP_LEVELS,
+    "dice", "mean_dice_positive", "train_seconds", "picked_ids",
+)
 METHOD_LABELS = {
     "random": "random", "uncertainty": "uniform-cost QBC", "cost_sensitive": "cost-sensitive (knapsack)",
     "acft": "ACFT", "foreground_random": "foreground random", "full_pool": "whole pool",
+    "oracle_cost": "knapsack on true seconds (oracle)", "roi": "value per second (ROI)",
 }
 
 
-def _flat(record: dict) -> dict:
+def _flat(record: dict, columns: Sequence[str] = CSV_COLUMNS) -> dict:
     """One CSV row of a cell record (metrics inlined, picked ids joined by spaces)."""
-    row = {key: record.get(key, "") for key in CSV_COLUMNS} | {k: record["metrics"][k] for k in
-                                                              (*AP_LEVELS, "dice", "mean_dice_positive")}
+    row = {key: record.get(HOURS_CSV_SOURCES.get(key, key), "") for key in columns}
+    row |= {k: record["metrics"][k] for k in (*AP_LEVELS, "dice", "mean_dice_positive")}
     row["picked_ids"] = " ".join(record.get("picked_ids", []))
     return row
 
 
-def write_csv(records: Sequence[dict], path: Path) -> None:
+def write_csv(records: Sequence[dict], path: Path, columns: Sequence[str] = CSV_COLUMNS) -> None:
     """One row per (method, seed, round) cell, atomically."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for record in sorted(records, key=lambda r: (r["method"], r["seed"], r["round"])):
-        writer.writerow(_flat(record))
+        writer.writerow(_flat(record, columns))
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
@@ -258,15 +269,45 @@ def pick_time_diagnosis_text(diagnosis: dict) -> str:
 
 def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> None:
     """OUT/<protocol>_results.csv, OUT/<protocol>_ap.png and OUT/<protocol>_table.md from the records;
-    for the cost protocol also OUT/cost_time_calibration.md (`time_calibration`)."""
+    for the cost and per-hour protocols also OUT/<protocol>_time_calibration.md (`time_calibration`); for the
+    per-hour protocol the CSV has HOURS_CSV_COLUMNS, the plot is against true hours with 95% intervals
+    (`ichal.experiment_hours.plot_hours_curves`) and OUT/hours_p1.md holds P1 (`p1_table`)."""
+    from ichal.experiment_hours import p1_table, plot_hours_curves
+
     if not records:
         return
     out = Path(out)
-    write_csv(records, out / f"{protocol}_results.csv")
+    write_csv(records, out / f"{protocol}_results.csv", HOURS_CSV_COLUMNS if protocol == "hours" else CSV_COLUMNS)
     summary = summarize(records)
-    plot_curves(protocol, summary, out / f"{protocol}_ap.png")
+    if protocol == "hours":
+        plot_hours_curves(records, out / "hours_ap.png", METHOD_LABELS)
+        atomic_write_bytes(out / "hours_p1.md", p1_table(records, METHOD_LABELS).encode())
+    else:
+        plot_curves(protocol, summary, out / f"{protocol}_ap.png")
     atomic_write_bytes(out / f"{protocol}_table.md", markdown_table(protocol, summary).encode())
     calibration = time_calibration(records)
-    if protocol == "cost" and calibration:
+    if protocol != "coreset" and calibration:
         text = time_calibration_table(calibration) + pick_time_diagnosis_text(pick_time_diagnosis(records))
-        atomic_write_bytes(out / "cost_time_calibration.md", text.encode())
+        atomic_write_bytes(out / f"{protocol}_time_calibration.md", text.encode())
+
+
+def plot_iterations_curve(rows: Sequence[dict], path: Path, levels: Sequence[str] = ("pixel_ap", "stack_ap")) -> None:
+    """Is the committee data-limited? One panel per AP level: AP against labeled stacks, one line per
+    training-iteration count. `rows`: dicts with `train_stacks`, `iterations` and the levels."""
+    figure, axes = plt.subplots(1, len(levels), figsize=(5.5 * len(levels), 4.5), constrained_layout=True)
+    for axis, level in zip(np.atleast_1d(axes), levels):
+        for iterations in sorted({r["iterations"] for r in rows}):
+            points = sorted((r for r in rows if r["iterations"] == iterations), key=lambda r: r["train_stacks"])
+            axis.plot([p["train_stacks"] for p in points], [p[level] for p in points], marker="o",
+                      label=f"{iterations} iterations")
+        axis.set_xscale("log", base=2)
+        axis.set_title(level.replace("_ap", " AP"))
+        axis.set_xlabel("labeled stacks (nested subsets of one pool)")
+        axis.set_ylabel("AP on held-out test set")
+        axis.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    figure.suptitle("committee AP vs. labeled stacks per training length")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,7 +1,8 @@
 """Budgeted batch selection: exact 0/1 knapsack on stack value and predicted seconds, plus baselines.
 
 Follows Kuo et al. 2018, section 3 and 5.2 (knapsack, random, uniform-cost AL), ACFT (paper 001,
-sec. 3.4, eq. 4: randomized top-omega*b sampling) and k-center cold start for a pool without a model.
+sec. 3.4, eq. 4: randomized top-omega*b sampling), a value-per-second greedy (issue 18) and k-center cold
+start for a pool without a model.
 """
 
 from __future__ import annotations
@@ -161,6 +162,21 @@ def uncertainty_select(values: np.ndarray, seconds: np.ndarray, budget_seconds: 
     times = _check_seconds(seconds, budget_seconds)
     scores = _check_values(values, times)
     return _selection(_fill(np.argsort(-scores, kind="stable"), times, budget_seconds), scores, times)
+
+
+def roi_select(values: np.ndarray, seconds: np.ndarray, budget_seconds: float) -> Selection:
+    """Value-per-second greedy: stacks by value / seconds descending (zero seconds first; ties: lower index
+    first), each added while it still fits. Stacks of zero value are never chosen, as in the knapsack.
+
+    `values` (n,) >= 0 stack values, `seconds` (n,) >= 0 predicted labeling seconds. The knapsack's fast
+    approximation: it can leave budget unused that a different combination would fill.
+    """
+    times = _check_seconds(seconds, budget_seconds)
+    scores = _check_values(values, times)
+    with np.errstate(divide="ignore"):
+        ratio = np.where(times > 0, scores / np.maximum(times, 1e-300), np.inf)
+    order = np.argsort(-ratio, kind="stable")
+    return _selection(_fill(order[scores[order] > 0], times, budget_seconds), scores, times)
 
 
 def acft_select(
