@@ -70,8 +70,21 @@ def server(pacs, stacks, state, tmp_path_factory):
     save_ensemble(train_ensemble(items, TrainSettings(ensemble_size=2, iterations=40, batch_size=2)),
                   state / "models" / "ensemble.pt")
     log = tmp_path_factory.mktemp("log") / "server.log"
-    with running_server(pacs["url"], {"ensemble_size": "2", "pacs_sync_seconds": "1", "state_dir": str(state)}, log) as url:
+    with running_server(pacs["url"], {"ensemble_size": "2", "pacs_sync_seconds": "1", "state_dir": str(state),
+                                      # the panel sends no budget: a 40-iteration committee's masks can make one
+                                      # stack's 80% bound exceed the default 60 min (422, "Failed to Fetch")
+                                      "budget_minutes": "600"}, log) as url:
+        wait_for(lambda: committee_scored(url), 300, "the start-up committee scoring (the panel's strategy needs it)")
         yield url
+
+
+def committee_scored(server: str) -> bool:
+    """Every unlabeled stack carries the current committee's score."""
+    client = MONAILabelClient(server)
+    version = client.info()["ichal"]["model"]["version"]
+    objects = client.datastore()["objects"].values()
+    return all(o["image"]["info"].get("ichal", {}).get("model_version") == version
+               for o in objects if "final" not in o["labels"])
 
 
 def test_info_labels_are_a_list_the_panel_can_extend(server):
@@ -198,6 +211,7 @@ def test_ohif_panel_connects_opens_the_next_sample_and_overlays_the_pre_label_an
             page.get_by_text("Active Learning", exact=True).click()
             with page.expect_response(lambda r: "/activelearning/" in r.url) as served:
                 page.get_by_role("button", name="Next Sample").click()
+            assert served.value.status == 200, served.value.text()
             sample = served.value.json()
             form = page.locator(".nextSampleForm")
             form.get_by_text(sample["StudyInstanceUID"]).wait_for(timeout=30_000)

@@ -14,7 +14,6 @@ from typing import Any, Dict
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
-from monailabel.utils.async_tasks.utils import tasks as async_tasks
 
 import ichal
 from ichal.io import Volume
@@ -25,7 +24,7 @@ from lib.errors import check_image_id, client_error
 from lib.lifeline import die_with_server, is_task_subprocess, kill_stale_subprocess, mark_server_process
 from lib.infers import EnsembleInfer
 from lib.pacs_datastore import PacsDatastore
-from lib.scoring import CommitteeScoring, scoring_needed
+from lib.scoring import CommitteeScoring, scoring_in_progress, scoring_needed
 from lib.settings import CONF_KEYS, AppSettings, check_exposure, server_host
 from lib.strategies import STRATEGY_DESCRIPTIONS, BudgetedStrategy
 from lib.trainers import EnsembleTrain
@@ -99,7 +98,7 @@ class HemorrhageApp(MONAILabelApp):
         # MONAI Label calls this after every next-sample and training, and queues a subprocess each time
         # (223 queued in one 8-annotator benchmark run, each a core busy for ~20 s of start-up). Start one
         # only when there is work and none is queued or running.
-        if any(task.get("status") in ("SUBMITTED", "RUNNING") for task in async_tasks("scoring")):
+        if scoring_in_progress():
             return {}
         if not scoring_needed(self.datastore(), self.context.load_model()):
             return {}

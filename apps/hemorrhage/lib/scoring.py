@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.utils.async_tasks.utils import tasks as async_tasks
 from tqdm import tqdm
 
 from ichal.config import DEFAULT_CONFIG
@@ -79,6 +80,11 @@ def image_features(datastore: Any, ids: list[str], store_every: int = 0) -> dict
     if pending:
         datastore.update_image_infos(pending)
     return features
+
+
+def scoring_in_progress() -> bool:
+    """A scoring task of this server is queued or running (MONAI Label's async task list)."""
+    return any(task.get("status") in ("SUBMITTED", "RUNNING") for task in async_tasks("scoring"))
 
 
 def scoring_needed(datastore: Any, model: Any) -> bool:

@@ -29,7 +29,7 @@ from ichal.selection import (
 from ichal.time_intervals import IntervalError, LogErrorModel, check_confidence, log_error_model, select_within_budget_at_confidence
 from .context import AppContext
 from .errors import client_error
-from .scoring import SCORE_KEY, current_scores, image_features
+from .scoring import SCORE_KEY, current_scores, image_features, scoring_in_progress
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,9 @@ class BudgetedStrategy(Strategy):
         unscored = [i for i in ids if i not in scores]
         if self.NEEDS_SCORES[self.name]:
             ids = [i for i in ids if i in scores]
+            if not ids and scoring_in_progress():
+                raise client_error(f"strategy '{self.name}' needs committee scores and the committee is scoring the "
+                                   "pool now: ask again in a minute, or use 'cold_start'", status=409)
             if not ids:
                 raise client_error(
                     f"strategy '{self.name}' needs committee scores and no unlabeled stack is scored by the current "
