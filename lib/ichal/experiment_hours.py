@@ -7,7 +7,6 @@ methods are compared paired by seed (same pool, same seed set, same test set).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import t as student_t  # noqa: E402
 
 from ichal.experiment import FULL_POOL  # noqa: E402
-from ichal.io import atomic_write_bytes  # noqa: E402
+from ichal.experiment_plots import save_png  # noqa: E402
 
 CURVE_LEVELS = ("pixel_ap", "frame_ap", "stack_ap", "dice")
 P1_LEVELS = ("pixel_ap", "stack_ap")
@@ -136,13 +135,6 @@ def curve_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]], grid: 
     return mean, low, high
 
 
-def _png(figure: plt.Figure, path: Path) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def plot_hours_curves(records: Sequence[dict], path: Path, labels: dict[str, str]) -> None:
     """2x2 panels (pixel/frame/stack AP, Dice) against cumulative true labeled hours: per method the mean over
     seeds with its 95% t-interval, on the hours every seed's curve covers; the whole-pool committee's mean
@@ -177,7 +169,7 @@ def plot_hours_curves(records: Sequence[dict], path: Path, labels: dict[str, str
         axis.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     figure.suptitle("per-hour protocol: mean over seeds, band = 95% t-interval")
-    _png(figure, path)
+    save_png(figure, path)
 
 
 def _hours_text(hours: dict[int, float]) -> str:

@@ -45,6 +45,14 @@ METHOD_LABELS = {
 }
 
 
+def save_png(figure: plt.Figure, path: Path) -> None:
+    """Write `figure` as a PNG atomically and close it."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _flat(record: dict, columns: Sequence[str] = CSV_COLUMNS) -> dict:
     """One CSV row of a cell record (metrics inlined, picked ids joined by spaces)."""
     row = {key: record.get(HOURS_CSV_SOURCES.get(key, key), "") for key in columns}
@@ -109,10 +117,7 @@ def plot_curves(protocol: str, summary: Sequence[dict], path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     seeds = max((s["seeds"] for s in summary), default=0)
     figure.suptitle(f"{protocol}: mean over {seeds} seed(s), bars = std")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path)
 
 
 PAIR_COLOURS = {"better": "tab:green", "worse": "tab:red", "no difference": "tab:gray"}
@@ -143,10 +148,7 @@ def plot_paired_differences(pairs: Sequence[Sequence[PairedDifference]], mean: S
         axis.grid(alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=8)
     figure.suptitle(f"{labels[1]} minus {labels[0]} on the same test stacks, {len(pairs)} pairs (95% bootstrap intervals)")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path)
 
 
 def _pm(entry: dict, key: str, digits: int = 3, scale: float = 1.0) -> str:
@@ -307,7 +309,4 @@ def plot_iterations_curve(rows: Sequence[dict], path: Path, levels: Sequence[str
         axis.grid(alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=8)
     figure.suptitle("committee AP vs. labeled stacks per training length")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path)

@@ -173,8 +173,7 @@ def roi_select(values: np.ndarray, seconds: np.ndarray, budget_seconds: float) -
     """
     times = _check_seconds(seconds, budget_seconds)
     scores = _check_values(values, times)
-    with np.errstate(divide="ignore"):
-        ratio = np.where(times > 0, scores / np.maximum(times, 1e-300), np.inf)
+    ratio = np.where(times > 0, scores / np.maximum(times, 1e-300), np.inf)
     order = np.argsort(-ratio, kind="stable")
     return _selection(_fill(order[scores[order] > 0], times, budget_seconds), scores, times)
 

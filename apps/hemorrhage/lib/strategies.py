@@ -148,15 +148,12 @@ class BudgetedStrategy(Strategy):
         unscored = [i for i in ids if i not in scores]
         if self.NEEDS_SCORES[self.name]:
             ids = [i for i in ids if i in scores]
-            if not ids and scoring_in_progress():
-                raise client_error(f"strategy '{self.name}' needs committee scores and the committee is scoring the "
-                                   "pool now: ask again in a minute, or use 'cold_start'", status=409)
             if not ids:
-                raise client_error(
-                    f"strategy '{self.name}' needs committee scores and no unlabeled stack is scored by the current "
-                    "model yet: train (POST /train/hemorrhage), score (POST /scoring/committee), or use 'cold_start'",
-                    status=409,
-                )
+                remedy = ("the committee is scoring the pool now: ask again in a minute" if scoring_in_progress() else
+                          "no unlabeled stack is scored by the current model yet: train (POST /train/hemorrhage), "
+                          "score (POST /scoring/committee)")
+                raise client_error(f"strategy '{self.name}' needs committee scores and {remedy}, or use 'cold_start'",
+                                   status=409)
         estimate = self._time_estimate(ids, scores, confidence)
         values = np.array([scores[i]["value"] if i in scores else 0.0 for i in ids])
 
