@@ -48,7 +48,7 @@ def _evaluate(model, items: list[TrainItem], desc: str) -> tuple[DetectionEvalua
     evaluator = DetectionEvaluator()
     start = time.perf_counter()
     for item in tqdm(items, desc=desc, unit="stack"):
-        evaluator.update(predict_stack(model, item.image_hu, item.spacing_mm).mean_prob, item.label)
+        evaluator.update(predict_stack(model, item.image_hu, item.spacing_mm).mean_prob, item.label, item.spacing_mm)
     return evaluator, time.perf_counter() - start
 
 
@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lookalike-fraction", type=float, default=TrainSettings.lookalike_fraction,
                         help="share of negative patches centred on blood-density look-alikes (0: anywhere in the head)")
+    parser.add_argument("--hard-negative-fraction", type=float, default=TrainSettings.hard_negative_fraction,
+                        help="share of negative patches centred on the member's own false positives, mined mid-training")
     parser.add_argument("--seed", type=int, default=0, help="generator seed of the training pool (test pool: seed + 1000)")
     parser.add_argument("--train-seed", type=int, help="seed of the ensemble's training (default: --seed)")
     parser.add_argument("--eval-train", type=int, default=0, metavar="N", help="also evaluate on the first N training stacks")
@@ -165,6 +167,7 @@ def main() -> None:
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, first_member=args.first_member,
                              iterations=args.iterations,
                              batch_size=args.batch_size, lookalike_fraction=args.lookalike_fraction,
+                             hard_negative_fraction=args.hard_negative_fraction,
                              seed=args.seed if args.train_seed is None else args.train_seed)
     rows = run(sorted(args.train_counts), args.test_count, args.size, settings, args.seed, args.checkpoints, args.eval_train)
     print(markdown_table(rows))

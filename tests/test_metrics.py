@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ichal.metrics import (
     DetectionEvaluator,
@@ -16,9 +16,14 @@ from ichal.metrics import (
     region_ap,
     region_hits,
     region_scores,
+    STACK_SCORE_CANDIDATES,
     stack_ap,
+    stack_score_candidates,
     stack_scores,
 )
+
+
+SPACING_MM = (5.0, 1.8, 1.8)
 
 
 def _random_case(seed: int, shape=(3, 6, 7)):
@@ -129,12 +134,16 @@ def test_evaluator_agrees_with_the_standalone_metrics():
     probs, labels = [c[0] for c in cases], [c[1].astype(np.uint8) for c in cases]
     evaluator = DetectionEvaluator(threshold=0.5)
     for p, l in cases:
-        evaluator.update(p, l)
+        evaluator.update(p, l, SPACING_MM)
     result = evaluator.result()
     assert result["pixel_ap"] == pytest.approx(pixel_ap(probs, labels).ap)
     assert result["region_ap"] == pytest.approx(region_ap(probs, labels, threshold=0.5))
     assert result["frame_ap"] == pytest.approx(frame_ap(probs, labels))
-    assert result["stack_ap"] == pytest.approx(stack_ap(probs, labels))
+    assert result["stack_ap"] == pytest.approx(stack_ap(probs, labels))  # STACK_SCORE is max_voxel
+    comparison = evaluator.stack_score_comparison()
+    assert set(comparison) == set(STACK_SCORE_CANDIDATES)
+    assert comparison["max_voxel"]["stack_ap"] == pytest.approx(stack_ap(probs, labels))
+    assert np.isnan(result["stack_auc"])  # every stack holds a bleed: no AUC
     pooled = dice(np.concatenate([p.ravel() >= 0.5 for p in probs]), np.concatenate([l.ravel() for l in labels]))
     assert result["dice"] == pytest.approx(pooled)
     assert result["stacks"] == 6
@@ -143,7 +152,7 @@ def test_evaluator_agrees_with_the_standalone_metrics():
 def _evaluate(probs, labels) -> DetectionEvaluator:
     evaluator = DetectionEvaluator(threshold=0.5)
     for p, l in zip(probs, labels):
-        evaluator.update(p, l)
+        evaluator.update(p, l, SPACING_MM)
     return evaluator
 
 
@@ -166,6 +175,8 @@ def test_paired_bootstrap_finds_a_better_model_and_no_difference_against_itself(
     assert observed["stack_ap"].second == pytest.approx(stack_ap(good, labels))
     assert observed["stack_ap"].first == pytest.approx(stack_ap(poor, labels))
     assert observed["dice"].second == pytest.approx(_evaluate(good, labels).result()["dice"])
+    assert _evaluate(good, labels).result()["stack_auc"] == pytest.approx(
+        roc_auc_score([l.any() for l in labels], [p.max() for p in good]))
     assert observed["pixel_ap"].second == pytest.approx(pixel_ap(good, labels).ap, abs=5e-3)  # logit bins
     for difference in better:
         assert difference.difference > 0 and 0 < difference.low <= difference.difference <= difference.high
@@ -186,6 +197,38 @@ def test_paired_bootstrap_rejects_different_stacks_and_bad_settings():
         paired_bootstrap([])
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap([(_evaluate(probs, labels), _evaluate(probs, labels))], confidence=1.0)
+    with pytest.raises(ValueError, match="stack_score must be one of"):
+        paired_bootstrap([(_evaluate(probs, labels), _evaluate(probs, labels))], stack_score="mean")
+
+
+def _empty_stack_with(spots: list[tuple[int, int, int, float]]) -> np.ndarray:
+    prob = np.zeros((4, 16, 16), dtype=np.float32)
+    for z, y, x, value in spots:
+        prob[z, y, x] = value
+    return prob
+
+
+def test_stack_score_candidates_rank_a_bleed_above_a_single_saturated_voxel():
+    # 1.8 x 1.8 x 5 mm: 16.2 uL per voxel, the 0.1 mL floor is 6 voxels
+    lone_voxel = _empty_stack_with([(1, 3, 3, 1.0)])
+    bleed = _empty_stack_with([])
+    bleed[1:3, 6:9, 6:9] = 0.9  # 18 voxels, 0.29 mL
+    faint = _empty_stack_with([(2, 10, 10, 0.3)])
+    scores = {name: stack_score_candidates(p, SPACING_MM, 0.5) for name, p in
+              (("lone", lone_voxel), ("bleed", bleed), ("faint", faint))}
+    voxel_ml = 5 * 1.8 * 1.8 / 1000
+    assert scores["lone"]["max_voxel"] == 1.0 > scores["bleed"]["max_voxel"]  # the tie problem, reversed
+    assert scores["bleed"]["largest_region_ml"] == pytest.approx(18 * 0.9 * voxel_ml, rel=1e-5)
+    assert scores["bleed"]["detected_ml"] == pytest.approx(18 * 0.9 * voxel_ml, rel=1e-5)
+    assert scores["bleed"]["largest_region_mean"] == pytest.approx(0.9)
+    assert scores["lone"]["largest_region_mean"] == pytest.approx(0.5)  # region under the floor: 0.5 x max
+    assert scores["bleed"]["top_volume_mean"] == pytest.approx(0.9)
+    assert scores["lone"]["top_volume_mean"] == pytest.approx(1.0 / 6)
+    assert scores["faint"]["largest_region_ml"] == pytest.approx(0.3 * voxel_ml)  # no region: the best voxel
+    for name in ("top_volume_mean", "largest_region_mean", "largest_region_ml", "detected_ml"):
+        assert scores["bleed"][name] > scores["lone"][name] > scores["faint"][name], name
+    with pytest.raises(ValueError, match="spacing must be positive"):
+        stack_score_candidates(bleed, (0.0, 1.0, 1.0))
 
 
 def test_paired_bootstrap_over_several_pairs_averages_them_and_resamples_the_pairs():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ichal.config import DEFAULT_CONFIG
 from ichal.ensemble import CheckpointError, load_ensemble, merge_ensembles, save_ensemble
 from ichal.infer import main as infer_main
 from ichal.io import VolumeError, read_nifti, write_nifti
@@ -15,6 +16,8 @@ from ichal.train import (
     _patch_kind,
     _prepare,
     _sample_patch_center,
+    _with_hard_negatives,
+    false_positive_voxels,
     lookalike_voxels,
     train_ensemble,
 )
@@ -136,14 +139,60 @@ def test_lookalike_fraction_centres_negative_patches_on_lookalikes():
     stacks = [_prepare(item, 1.8)]
     assert stacks[0].lookalikes.size > 0
     rng = np.random.default_rng(0)
-    assert {_patch_kind([], [0], _settings(lookalike_fraction=1.0), rng) for _ in range(20)} == {"lookalike"}
-    assert {_patch_kind([], [0], _settings(lookalike_fraction=0.0), rng) for _ in range(20)} == {"head"}
-    assert {_patch_kind([], [], _settings(lookalike_fraction=1.0), rng) for _ in range(20)} == {"head"}
+    assert {_patch_kind([], [], [0], _settings(lookalike_fraction=1.0), rng) for _ in range(20)} == {"lookalike"}
+    assert {_patch_kind([], [], [0], _settings(lookalike_fraction=0.0), rng) for _ in range(20)} == {"head"}
+    assert {_patch_kind([], [], [], _settings(lookalike_fraction=1.0), rng) for _ in range(20)} == {"head"}
     for _ in range(20):
-        _, z, y, x = _sample_patch_center(stacks, [], [0], "lookalike", 40, rng)
+        _, z, y, x = _sample_patch_center(stacks, [], [], [0], "lookalike", 40, rng)
         assert z == 1 and abs(y - 14) <= 2 + 10 and abs(x - 14) <= 2 + 10
     with pytest.raises(ValueError, match="lookalike_fraction must be in"):
         train_ensemble([item], _settings(lookalike_fraction=1.5))
+
+
+def test_false_positive_voxels_are_called_voxels_away_from_the_label():
+    probs = np.zeros((2, 20, 20), dtype=np.float32)
+    label = np.zeros(probs.shape, dtype=np.uint8)
+    label[0, 5:8, 5:8] = 1
+    probs[0, 4:9, 4:9] = 0.9  # the bleed and its rim: not a mistake
+    probs[1, 15, 15] = 0.7  # a called voxel where there is no bleed
+    probs[1, 2, 2] = 0.4  # below the threshold
+    found = np.unravel_index(false_positive_voxels(probs, label, 0.5), probs.shape)
+    assert list(zip(*(axis.tolist() for axis in found))) == [(1, 15, 15)]
+
+
+class _CallsEverythingBleed(torch.nn.Module):
+    """A member so sure of blood everywhere that every voxel is a false positive on an empty stack."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(image[:, :1], 20.0)
+
+
+def test_hard_negatives_are_the_members_own_false_positives_and_are_sampled():
+    empty, bleed = _stack(0, bleed=False), _stack(1, bleed=True)
+    stacks = [_prepare(item, 1.8) for item in (empty, bleed)]
+    mined = _with_hard_negatives(_CallsEverythingBleed(), stacks, _settings(), 40, DEFAULT_CONFIG.hu_windows,
+                                 np.random.default_rng(0))
+    assert all(stack.hard_negatives.size == 0 for stack in stacks)  # the shared stacks are untouched
+    assert mined[0].hard_negatives.size == empty.label.size
+    near_bleed = np.zeros(bleed.label.shape, dtype=bool).ravel()
+    near_bleed[mined[1].hard_negatives] = True
+    assert not (near_bleed.reshape(bleed.label.shape) & (bleed.label > 0)).any()
+    rng = np.random.default_rng(0)
+    settings = _settings(hard_negative_fraction=1.0)
+    assert {_patch_kind([], [0, 1], [0], settings, rng) for _ in range(20)} == {"hard"}
+    assert {_patch_kind([], [], [0], settings, rng) for _ in range(20)} == {"head", "lookalike"}
+
+
+def test_training_with_hard_negatives_mines_midway_and_reports_it():
+    items = [_stack(i, bleed=i % 2 == 0) for i in range(4)]
+    model = train_ensemble(items, _settings(ensemble_size=1, hard_negative_fraction=0.5, hard_negative_start=0.5))
+    metrics = model.meta["metrics"]["members"][0]
+    assert {"hard_negative_stacks", "hard_negative_voxels"} <= metrics.keys()
+    assert model.meta["metrics"]["settings"]["hard_negative_fraction"] == 0.5
+    plain = train_ensemble(items, _settings(ensemble_size=1))
+    assert plain.meta["metrics"]["members"][0]["hard_negative_stacks"] == 0
+    with pytest.raises(ValueError, match="hard_negative_fraction must be in"):
+        train_ensemble(items, _settings(hard_negative_fraction=-0.1))
 
 
 def test_members_trained_in_separate_runs_merge_into_the_same_committee(tmp_path):

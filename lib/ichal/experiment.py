@@ -228,7 +228,7 @@ def evaluate(config: ExperimentConfig, model: EnsembleModel, test: Sequence[Phan
     for stack in tqdm(test, desc="evaluating", unit="stack", leave=False, disable=not progress):
         prediction = predict_stack(model, stack.image_hu, stack.spacing_mm, device=config.device,
                                    batch_slices=config.batch_slices)
-        evaluator.update(prediction.mean_prob, stack.label)
+        evaluator.update(prediction.mean_prob, stack.label, stack.spacing_mm)
     return evaluator.result()
 
 

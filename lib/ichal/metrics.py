@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from scipy.special import digamma
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ichal.config import DEFAULT_CONFIG
 
@@ -53,6 +53,51 @@ def region_scores(mean_prob: np.ndarray, threshold: float = DEFAULT_CONFIG.detec
 def frame_scores(mean_prob: np.ndarray) -> np.ndarray:
     """(Z,) frame (slice) scores: the highest voxel probability in each slice of a (Z, Y, X) map."""
     return mean_prob.reshape(mean_prob.shape[0], -1).max(axis=1).astype(np.float64)
+
+
+# Stack-level scores (issue 19). The highest voxel ties at probability 1.00 on nearly every stack of a trained
+# model, empty or not (docs/model.md, "Look-alike negatives"), so stack AP was decided among ties; the other
+# candidates grow with how much the model calls bleed, which single false-positive voxels do not have.
+STACK_SCORE_CANDIDATES = ("max_voxel", "top_volume_mean", "largest_region_mean", "largest_region_ml", "detected_ml")
+# Volume below which a called region does not make a stack positive by itself (0.1 mL: ~6 voxels at
+# 1.8 x 1.8 x 5 mm; the smallest generated bleeds are larger).
+STACK_SCORE_FLOOR_ML = 0.1
+# The candidate used for stack AP, the paired bootstrap and the app's stack call.
+STACK_SCORE = "max_voxel"
+
+
+def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
+                           threshold: float = DEFAULT_CONFIG.detection_threshold,
+                           floor_ml: float = STACK_SCORE_FLOOR_ML) -> dict[str, float]:
+    """Every candidate stack score of one (Z, Y, X) probability map with voxel spacing (z, y, x) mm.
+
+    Regions are 3D components of `mean_prob >= threshold`; a region's soft volume is the sum of its
+    probabilities times the voxel volume (mL).
+    - `max_voxel`: the highest voxel probability (the paper's stack score; the highest frame score).
+    - `top_volume_mean`: mean of the highest voxels that fill `floor_ml`.
+    - `largest_region_mean`: mean probability of the region with the largest soft volume among regions of at
+      least `floor_ml`; without one, `threshold * max_voxel` (below every such region).
+    - `largest_region_ml` / `detected_ml`: soft volume of the largest region / of all regions; without a region,
+      the soft volume of the best voxel (`max_voxel` times the voxel volume, below any region's).
+    """
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    if not voxel_ml > 0:
+        raise ValueError(f"spacing must be positive, got {tuple(spacing_mm)}")
+    flat = np.asarray(mean_prob, dtype=np.float64).ravel()
+    max_voxel = float(flat.max())
+    top = max(1, min(flat.size, round(floor_ml / voxel_ml)))
+    components, count = ndimage.label(mean_prob >= threshold, structure=CONNECTIVITY_3D)
+    scores = {"max_voxel": max_voxel, "top_volume_mean": float(np.partition(flat, flat.size - top)[-top:].mean())}
+    if not count:
+        return scores | {"largest_region_mean": threshold * max_voxel, "largest_region_ml": max_voxel * voxel_ml,
+                         "detected_ml": max_voxel * voxel_ml}
+    sizes_ml = np.bincount(components.ravel(), minlength=count + 1)[1:] * voxel_ml
+    soft_ml = np.asarray(ndimage.sum(flat.reshape(mean_prob.shape), components, np.arange(1, count + 1))) * voxel_ml
+    large = sizes_ml >= floor_ml
+    largest_mean = (float(soft_ml[large].max() / sizes_ml[large][soft_ml[large].argmax()]) if large.any()
+                    else threshold * max_voxel)
+    return scores | {"largest_region_mean": largest_mean, "largest_region_ml": float(soft_ml.max()),
+                     "detected_ml": float(soft_ml.sum())}
 
 
 def stack_scores(mean_prob: np.ndarray) -> float:
@@ -102,6 +147,12 @@ def _ap(targets: np.ndarray, scores: np.ndarray) -> float:
     """scikit-learn AP, nan when there is no positive target."""
     targets = np.asarray(targets, dtype=bool)
     return float(average_precision_score(targets, scores)) if targets.any() else float("nan")
+
+
+def _auc(targets: np.ndarray, scores: np.ndarray) -> float:
+    """scikit-learn ROC AUC, nan unless both classes occur."""
+    targets = np.asarray(targets, dtype=bool)
+    return float(roc_auc_score(targets, scores)) if 0 < targets.sum() < targets.size else float("nan")
 
 
 def region_ap(mean_probs: Sequence[np.ndarray], labels: Sequence[np.ndarray],
@@ -221,9 +272,10 @@ def pixel_ap(mean_probs: Iterable[np.ndarray], labels: Iterable[np.ndarray],
 class DetectionEvaluator:
     """All detection metrics over a test set, fed one stack at a time.
 
-    `update(mean_prob, label)` keeps only per-stack summaries (pixel histogram, region hits, frame
-    and stack scores, Dice counts); `result()` returns pixel/region/frame/stack AP, pooled Dice
-    (all voxels of all stacks) and mean Dice over stacks with a bleed. Each stack's coarse pixel
+    `update(mean_prob, label, spacing_mm)` keeps only per-stack summaries (pixel histogram, region hits,
+    frame scores, every stack score candidate, Dice counts); `result()` returns pixel/region/frame/stack AP,
+    stack AUC (stack score `STACK_SCORE`), pooled Dice (all voxels of all stacks) and mean Dice over stacks
+    with a bleed; `stack_score_comparison()` the stack AP and AUC of every candidate. Each stack's coarse pixel
     histogram (logit bins) and Dice counts are kept too (64 KiB per stack) for `paired_bootstrap`.
     """
 
@@ -236,13 +288,14 @@ class DetectionEvaluator:
         self.region_truths = 0
         self.frame_scores: list[np.ndarray] = []
         self.frame_targets: list[np.ndarray] = []
-        self.stack_scores: list[float] = []
+        self.stack_candidates: dict[str, list[float]] = {name: [] for name in STACK_SCORE_CANDIDATES}
+        self.stack_scores = self.stack_candidates[STACK_SCORE]
         self.stack_targets: list[bool] = []
         self.positive_stack_dice: list[float] = []
         self.stack_histograms: list[tuple[np.ndarray, np.ndarray]] = []
         self.stack_dice_counts: list[tuple[int, int]] = []
 
-    def update(self, mean_prob: np.ndarray, label: np.ndarray) -> None:
+    def update(self, mean_prob: np.ndarray, label: np.ndarray, spacing_mm: Sequence[float]) -> None:
         _check_pair(mean_prob, label)
         truth = label.astype(bool)
         self.pixels.update(mean_prob, truth)
@@ -252,7 +305,8 @@ class DetectionEvaluator:
         self.region_truths += count
         self.frame_scores.append(frame_scores(mean_prob))
         self.frame_targets.append(truth.reshape(truth.shape[0], -1).any(axis=1))
-        self.stack_scores.append(stack_scores(mean_prob))
+        for name, score in stack_score_candidates(mean_prob, spacing_mm, self.threshold).items():
+            self.stack_candidates[name].append(score)
         self.stack_targets.append(bool(truth.any()))
         predicted = mean_prob >= self.threshold
         self.stack_dice_counts.append((int(np.logical_and(predicted, truth).sum()), int(predicted.sum()) + int(truth.sum())))
@@ -271,10 +325,17 @@ class DetectionEvaluator:
                                       self.region_truths),
             "frame_ap": _ap(np.concatenate(self.frame_targets), np.concatenate(self.frame_scores)),
             "stack_ap": _ap(np.array(self.stack_targets), np.array(self.stack_scores)),
+            "stack_auc": _auc(np.array(self.stack_targets), np.array(self.stack_scores)),
             "dice": 1.0 if mask_sum == 0 else 2.0 * float(intersection) / float(mask_sum),
             "mean_dice_positive": float(np.mean(positive_dice)) if positive_dice else float("nan"),
             "stacks": len(self.stack_scores),
         }
+
+    def stack_score_comparison(self) -> dict[str, dict[str, float]]:
+        """Stack AP and ROC AUC of every candidate stack score (`stack_score_candidates`)."""
+        targets = np.array(self.stack_targets)
+        return {name: {"stack_ap": _ap(targets, np.array(scores)), "stack_auc": _auc(targets, np.array(scores))}
+                for name, scores in self.stack_candidates.items()}
 
 
 @dataclass(frozen=True)
@@ -290,7 +351,7 @@ class PairedDifference:
 
 
 def paired_bootstrap(pairs: Sequence[tuple[DetectionEvaluator, DetectionEvaluator]], resamples: int = 2000,
-                     confidence: float = 0.95, seed: int = 0) -> list[PairedDifference]:
+                     confidence: float = 0.95, seed: int = 0, stack_score: str = STACK_SCORE) -> list[PairedDifference]:
     """Is the second model of each pair better than the first on these stacks? Paired bootstrap of pixel AP,
     stack AP and pooled Dice.
 
@@ -301,7 +362,7 @@ def paired_bootstrap(pairs: Sequence[tuple[DetectionEvaluator, DetectionEvaluato
     pool was drawn as well as which test stacks (with few pairs the interval is a little too narrow: the
     bootstrap's variance is (k - 1) / k of the true one for k pairs). Pixel AP uses the kept histograms
     (`BOOTSTRAP_BIN_EDGES`, the same bins for all); resamples without a bleed stack are skipped for stack
-    AP. Returns one `PairedDifference` per metric with the `confidence` percentile interval of the difference.
+    AP, which ranks stacks by the candidate `stack_score`. Returns one `PairedDifference` per metric with the `confidence` percentile interval of the difference.
     """
     def stack_sizes(evaluator: DetectionEvaluator) -> list[tuple[int, int]]:
         return [(int(pos.sum()), int(neg.sum())) for pos, neg in evaluator.stack_histograms]
@@ -310,6 +371,8 @@ def paired_bootstrap(pairs: Sequence[tuple[DetectionEvaluator, DetectionEvaluato
     if not evaluators or not len(evaluators[0].stack_targets) or any(
             stack_sizes(e) != stack_sizes(evaluators[0]) for e in evaluators[1:]):
         raise ValueError("paired bootstrap needs evaluations of the same, non-empty list of stacks")
+    if stack_score not in STACK_SCORE_CANDIDATES:
+        raise ValueError(f"stack_score must be one of {STACK_SCORE_CANDIDATES}, got {stack_score!r}")
     if resamples < 1 or not 0.0 < confidence < 1.0:
         raise ValueError(f"need resamples >= 1 and confidence in (0, 1), got {resamples}, {confidence}")
     n, k = len(evaluators[0].stack_targets), len(pairs)
@@ -318,7 +381,7 @@ def paired_bootstrap(pairs: Sequence[tuple[DetectionEvaluator, DetectionEvaluato
     def arrays(evaluator: DetectionEvaluator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         positives = np.stack([h[0] for h in evaluator.stack_histograms]).astype(np.float64)
         negatives = np.stack([h[1] for h in evaluator.stack_histograms]).astype(np.float64)
-        return positives, negatives, np.array(evaluator.stack_scores), np.array(evaluator.stack_dice_counts, dtype=np.float64)
+        return positives, negatives, np.array(evaluator.stack_candidates[stack_score]), np.array(evaluator.stack_dice_counts, dtype=np.float64)
 
     def metrics(data, weights: np.ndarray) -> np.ndarray:
         positives, negatives, scores, dice_counts = data

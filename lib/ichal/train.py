@@ -13,7 +13,7 @@ import math
 import platform
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import monai
@@ -55,6 +55,10 @@ AIR_HU = -1000.0
 LOOKALIKE_HU = (50.0, 100.0)
 SKULL_MIN_HU = 300.0
 LABEL_MARGIN_PX = 2
+# Hard negatives: after this share of a member's iterations it predicts (at most) this many of its training
+# stacks and keeps the voxels it calls bleed where there is none, so later negative patches revisit its own
+# confident mistakes (issue 19: single false-positive voxels at probability 1.00 decide stack AP).
+HARD_NEGATIVE_MINING_STACKS = 64
 
 
 class TrainingCancelled(RuntimeError):
@@ -85,7 +89,9 @@ class TrainSettings:
     equal one run's committee.
 
     A patch is centred on a bleed voxel with probability `positive_fraction`; a negative patch is centred
-    on a blood-density look-alike voxel (`lookalike_voxels`) with probability `lookalike_fraction`, else
+    on one of the member's own false-positive voxels (`false_positive_voxels`, mined after
+    `hard_negative_start` of its iterations) with probability `hard_negative_fraction`, else on a
+    blood-density look-alike voxel (`lookalike_voxels`) with probability `lookalike_fraction`, else
     anywhere in the head.
     """
 
@@ -99,6 +105,8 @@ class TrainSettings:
     loss: str = "dice_ce"
     positive_fraction: float = 0.5
     lookalike_fraction: float = 0.5
+    hard_negative_fraction: float = 0.0
+    hard_negative_start: float = 0.5
     seed: int = 0
     device: str = "cpu"
     spacing_mm: float | None = None
@@ -118,7 +126,7 @@ class TrainSettings:
         for name in ("ensemble_size", "iterations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("positive_fraction", "lookalike_fraction"):
+        for name in ("positive_fraction", "lookalike_fraction", "hard_negative_fraction", "hard_negative_start"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.first_member < 0:
@@ -138,6 +146,16 @@ class _Stack:
     label: np.ndarray
     positives: np.ndarray  # flat indices of label voxels
     lookalikes: np.ndarray  # flat indices of look-alike voxels (`lookalike_voxels`)
+    # flat indices of the training member's own false-positive voxels (`false_positive_voxels`), once mined
+    hard_negatives: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def false_positive_voxels(probs: np.ndarray, label: np.ndarray, threshold: float) -> np.ndarray:
+    """Flat indices of voxels a model calls bleed (`probs >= threshold`) in a (Z, Y, X) stack, away from the
+    label (more than `LABEL_MARGIN_PX` in-plane: the label's rim is partial volume, not a mistake)."""
+    near_label = ndimage.binary_dilation(label > 0, structure=np.ones((1, 3, 3), dtype=bool),
+                                         iterations=LABEL_MARGIN_PX)
+    return np.flatnonzero((probs >= threshold) & ~near_label)
 
 
 def lookalike_voxels(image_hu: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -200,12 +218,18 @@ def _crop(plane: np.ndarray, center_y: int, center_x: int, size: int, fill: floa
     return out
 
 
-def _sample_patch_center(stacks: Sequence[_Stack], positive_ids: Sequence[int], lookalike_ids: Sequence[int],
-                         kind: str, patch_px: int, rng: np.random.Generator) -> tuple[_Stack, int, int, int]:
-    """A (stack, z, y, x) patch centre of `kind`: "positive" on a random bleed voxel, "lookalike" on a
-    random look-alike voxel (both shifted up to patch/4), "head" anywhere in the head."""
-    if kind in ("positive", "lookalike"):
-        stack_ids, attribute = (positive_ids, "positives") if kind == "positive" else (lookalike_ids, "lookalikes")
+_VOXEL_KINDS = {"positive": "positives", "hard": "hard_negatives", "lookalike": "lookalikes"}
+
+
+def _sample_patch_center(stacks: Sequence[_Stack], positive_ids: Sequence[int], hard_ids: Sequence[int],
+                         lookalike_ids: Sequence[int], kind: str, patch_px: int,
+                         rng: np.random.Generator) -> tuple[_Stack, int, int, int]:
+    """A (stack, z, y, x) patch centre of `kind`: "positive" on a random bleed voxel, "hard" on a random
+    false-positive voxel of the member, "lookalike" on a random look-alike voxel (all shifted up to
+    patch/4), "head" anywhere in the head."""
+    if kind in _VOXEL_KINDS:
+        attribute = _VOXEL_KINDS[kind]
+        stack_ids = {"positive": positive_ids, "hard": hard_ids, "lookalike": lookalike_ids}[kind]
         stack = stacks[stack_ids[rng.integers(len(stack_ids))]]
         voxels = getattr(stack, attribute)
         z, y, x = np.unravel_index(voxels[rng.integers(voxels.size)], stack.label.shape)
@@ -220,18 +244,20 @@ def _sample_patch_center(stacks: Sequence[_Stack], positive_ids: Sequence[int], 
     return stack, z, y, x
 
 
-def _patch_kind(positive_ids: Sequence[int], lookalike_ids: Sequence[int], settings: TrainSettings,
-                rng: np.random.Generator) -> str:
+def _patch_kind(positive_ids: Sequence[int], hard_ids: Sequence[int], lookalike_ids: Sequence[int],
+                settings: TrainSettings, rng: np.random.Generator) -> str:
     """Draw what the next patch is centred on; kinds without any voxel in the training set are skipped."""
     if positive_ids and rng.random() < settings.positive_fraction:
         return "positive"
+    if hard_ids and rng.random() < settings.hard_negative_fraction:
+        return "hard"
     if lookalike_ids and rng.random() < settings.lookalike_fraction:
         return "lookalike"
     return "head"
 
 
-def _sample_batch(stacks: Sequence[_Stack], positive_ids: Sequence[int], lookalike_ids: Sequence[int],
-                  settings: TrainSettings, patch_px: int, windows: Sequence[HUWindow],
+def _sample_batch(stacks: Sequence[_Stack], positive_ids: Sequence[int], hard_ids: Sequence[int],
+                  lookalike_ids: Sequence[int], settings: TrainSettings, patch_px: int, windows: Sequence[HUWindow],
                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch: (B, C, P, P) windowed patches and (B, 1, P, P) float labels, augmented.
 
@@ -239,8 +265,8 @@ def _sample_batch(stacks: Sequence[_Stack], positive_ids: Sequence[int], lookali
     """
     images, labels = [], []
     for _ in range(settings.batch_size):
-        kind = _patch_kind(positive_ids, lookalike_ids, settings, rng)
-        stack, z, y, x = _sample_patch_center(stacks, positive_ids, lookalike_ids, kind, patch_px, rng)
+        kind = _patch_kind(positive_ids, hard_ids, lookalike_ids, settings, rng)
+        stack, z, y, x = _sample_patch_center(stacks, positive_ids, hard_ids, lookalike_ids, kind, patch_px, rng)
         images.append(_crop(stack.image_hu[z], y, x, patch_px, AIR_HU))
         labels.append(_crop(stack.label[z], y, x, patch_px, 0.0))
     batch = settings.batch_size
@@ -274,6 +300,9 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
     torch.manual_seed(seed)
     positive_ids = [i for i, stack in enumerate(stacks) if stack.positives.size]
     lookalike_ids = [i for i, stack in enumerate(stacks) if stack.lookalikes.size]
+    hard_ids: list[int] = []
+    mining_iteration = (max(1, round(settings.hard_negative_start * iterations))
+                        if settings.hard_negative_fraction > 0 else None)
     member.to(settings.device).train()
     optimizer = torch.optim.AdamW(member.parameters(), lr=lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
@@ -282,7 +311,11 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
     for iteration in range(1, iterations + 1):
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"training cancelled at member {member_index}, iteration {iteration}")
-        image, label = _sample_batch(stacks, positive_ids, lookalike_ids, settings, patch_px, windows, rng)
+        if iteration == mining_iteration:
+            stacks = _with_hard_negatives(member, stacks, settings, patch_px, windows, np.random.default_rng(seed + 1))
+            hard_ids = [i for i, stack in enumerate(stacks) if stack.hard_negatives.size]
+            member.train()
+        image, label = _sample_batch(stacks, positive_ids, hard_ids, lookalike_ids, settings, patch_px, windows, rng)
         loss = loss_function(member(image.to(settings.device)), label.to(settings.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -294,7 +327,25 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
                       "loss": losses[-1], "lr": schedule.get_last_lr()[0]})
     member.eval()
     tail = losses[-max(1, iterations // 10):]
-    return {"seed": seed, "iterations": iterations, "stacks": len(stacks), "final_loss": float(np.mean(tail))}
+    return {"seed": seed, "iterations": iterations, "stacks": len(stacks), "final_loss": float(np.mean(tail)),
+            "hard_negative_stacks": len(hard_ids),
+            "hard_negative_voxels": int(sum(stacks[i].hard_negatives.size for i in hard_ids))}
+
+
+def _with_hard_negatives(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSettings, patch_px: int,
+                         windows: Sequence[HUWindow], rng: np.random.Generator) -> list[_Stack]:
+    """`stacks`, where up to `HARD_NEGATIVE_MINING_STACKS` of them (drawn at random) carry the member's
+    false-positive voxels; copies, so other members' stacks stay as they were."""
+    mined = set(rng.choice(len(stacks), size=min(len(stacks), HARD_NEGATIVE_MINING_STACKS), replace=False).tolist())
+    out = []
+    for index, stack in enumerate(stacks):
+        if index in mined:
+            channels = window_channels(torch.from_numpy(stack.image_hu), windows)
+            probs = predict_member_slices(member, channels, patch_px, device=settings.device).numpy()
+            stack = replace(stack, hard_negatives=false_positive_voxels(probs, stack.label,
+                                                                         settings.config.detection_threshold))
+        out.append(stack)
+    return out
 
 
 def _member_gets_wrong(member: nn.Module, stack: _Stack, settings: TrainSettings, patch_px: int,
@@ -423,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
     parser.add_argument("--lookalike-fraction", type=float, default=TrainSettings.lookalike_fraction,
                         help="share of negative patches centred on blood-density look-alikes")
+    parser.add_argument("--hard-negative-fraction", type=float, default=TrainSettings.hard_negative_fraction,
+                        help="share of negative patches centred on the member's own false positives (mined mid-training)")
     parser.add_argument("--loss", choices=LOSSES, default="dice_ce")
     parser.add_argument("--mode", choices=MODES, default="retrain")
     parser.add_argument("--previous", type=Path, help="checkpoint to fine-tune (continual mode)")
@@ -441,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--mode continual needs --previous")
     settings = TrainSettings(preset=args.preset, ensemble_size=args.members, first_member=args.first_member,
                              iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
-                             lookalike_fraction=args.lookalike_fraction, seed=args.seed, device=args.device)
+                             lookalike_fraction=args.lookalike_fraction,
+                             hard_negative_fraction=args.hard_negative_fraction, seed=args.seed, device=args.device)
     previous = load_ensemble(args.previous) if args.previous else None
     items = load_pool_items(args.pool)
     members = len(previous.members) if previous else args.members
