@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ichal.ensemble import load_ensemble, predict_stack, save_ensemble
 from ichal.experiment_plots import plot_paired_differences
 from ichal.io import atomic_write_bytes
-from ichal.metrics import DetectionEvaluator, paired_bootstrap
+from ichal.metrics import STACK_SCORE, STACK_SCORE_CANDIDATES, DetectionEvaluator, paired_bootstrap
 from ichal.phantom import generate_pool
 from ichal.train import TrainItem, TrainSettings, train_ensemble
 
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--eval-start", type=int, default=0, help="with --evaluate: first stack index of the pool")
     parser.add_argument("--pairs", action="store_true",
                         help="with --evaluate: compare the 2nd checkpoint to the 1st, the 4th to the 3rd, ... (default: all to the 1st)")
+    parser.add_argument("--stack-score", choices=STACK_SCORE_CANDIDATES, default=STACK_SCORE,
+                        help="with --evaluate: the stack score the paired bootstrap's stack AP ranks by")
     parser.add_argument("--plot", type=Path,
                         help="with --evaluate --pairs and two or more pairs: PNG of each pair's two figures and their mean")
     args = parser.parse_args()
@@ -141,7 +143,7 @@ def main() -> None:
             evaluator, _ = _evaluate(model, items, f"evaluating {path}")
             evaluators.append(evaluator)
             print(json.dumps({"checkpoint": str(path), "seed": args.seed, "stack_range": [args.eval_start, args.eval_start + len(items)]}
-                             | evaluator.result()), flush=True)
+                             | evaluator.result() | {"stack_scores": evaluator.stack_score_comparison()}), flush=True)
         # (baseline, compared) index pairs: each checkpoint against the first, or with --pairs 1 vs 0, 3 vs 2, ...
         pairs = [(i - 1, i) for i in range(1, len(evaluators), 2)] if args.pairs else [(0, i) for i in range(1, len(evaluators))]
         if pairs:
@@ -153,11 +155,14 @@ def main() -> None:
             rows.append((f"mean of the {len(pairs)} pairs (pairs resampled too)", "", [p for _, _, [p] in rows]))
         differences = []
         for compared, baseline, evaluator_pairs in rows:
-            differences.append(paired_bootstrap(evaluator_pairs))
+            differences.append(paired_bootstrap(evaluator_pairs, stack_score=args.stack_score))
             cells = [f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in differences[-1]]
             print(f"| {compared} | {baseline} | " + " | ".join(cells) + " |")
         if args.json:
-            _write_json(args, checkpoints=[{"checkpoint": str(path)} | e.result() for path, e in zip(args.evaluate, evaluators)],
+            _write_json(args, checkpoints=[{"checkpoint": str(path)} | e.result() | {"stack_scores": e.stack_score_comparison(),
+                                                                                    "stack_candidates": e.stack_candidates,
+                                                                                    "stack_targets": e.stack_targets}
+                                           for path, e in zip(args.evaluate, evaluators)],
                         differences=[{"compared": c, "baseline": b, "metrics": [asdict(d) for d in ds]}
                                      for (c, b, _), ds in zip(rows, differences)])
         if args.plot and len(pairs) > 1:

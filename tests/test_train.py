@@ -170,7 +170,7 @@ class _CallsEverythingBleed(torch.nn.Module):
 def test_hard_negatives_are_the_members_own_false_positives_and_are_sampled():
     empty, bleed = _stack(0, bleed=False), _stack(1, bleed=True)
     stacks = [_prepare(item, 1.8) for item in (empty, bleed)]
-    mined = _with_hard_negatives(_CallsEverythingBleed(), stacks, _settings(), 40, DEFAULT_CONFIG.hu_windows,
+    mined = _with_hard_negatives(_CallsEverythingBleed(), stacks, 2, _settings(), 40, DEFAULT_CONFIG.hu_windows,
                                  np.random.default_rng(0))
     assert all(stack.hard_negatives.size == 0 for stack in stacks)  # the shared stacks are untouched
     assert mined[0].hard_negatives.size == empty.label.size

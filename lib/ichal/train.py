@@ -55,10 +55,12 @@ AIR_HU = -1000.0
 LOOKALIKE_HU = (50.0, 100.0)
 SKULL_MIN_HU = 300.0
 LABEL_MARGIN_PX = 2
-# Hard negatives: after this share of a member's iterations it predicts (at most) this many of its training
-# stacks and keeps the voxels it calls bleed where there is none, so later negative patches revisit its own
-# confident mistakes (issue 19: single false-positive voxels at probability 1.00 decide stack AP).
-HARD_NEGATIVE_MINING_STACKS = 64
+# Hard negatives: midway (`TrainSettings.hard_negative_start`) a member predicts some of its training stacks and
+# keeps the voxels it calls bleed where there is none, so later negative patches revisit its own confident
+# mistakes (issue 19: single false-positive voxels at probability 1.00 decide stack AP). One stack per 100
+# iterations (at least 4): predicting a stack costs about 10 training steps, so mining adds about 10 %.
+HARD_NEGATIVE_STACKS_PER_ITERATION = 0.01
+HARD_NEGATIVE_MIN_STACKS = 4
 
 
 class TrainingCancelled(RuntimeError):
@@ -312,7 +314,9 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"training cancelled at member {member_index}, iteration {iteration}")
         if iteration == mining_iteration:
-            stacks = _with_hard_negatives(member, stacks, settings, patch_px, windows, np.random.default_rng(seed + 1))
+            mining_stacks = max(HARD_NEGATIVE_MIN_STACKS, round(iterations * HARD_NEGATIVE_STACKS_PER_ITERATION))
+            stacks = _with_hard_negatives(member, stacks, mining_stacks, settings, patch_px, windows,
+                                          np.random.default_rng(seed + 1))
             hard_ids = [i for i, stack in enumerate(stacks) if stack.hard_negatives.size]
             member.train()
         image, label = _sample_batch(stacks, positive_ids, hard_ids, lookalike_ids, settings, patch_px, windows, rng)
@@ -332,11 +336,11 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
             "hard_negative_voxels": int(sum(stacks[i].hard_negatives.size for i in hard_ids))}
 
 
-def _with_hard_negatives(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSettings, patch_px: int,
-                         windows: Sequence[HUWindow], rng: np.random.Generator) -> list[_Stack]:
-    """`stacks`, where up to `HARD_NEGATIVE_MINING_STACKS` of them (drawn at random) carry the member's
-    false-positive voxels; copies, so other members' stacks stay as they were."""
-    mined = set(rng.choice(len(stacks), size=min(len(stacks), HARD_NEGATIVE_MINING_STACKS), replace=False).tolist())
+def _with_hard_negatives(member: nn.Module, stacks: Sequence[_Stack], count: int, settings: TrainSettings,
+                         patch_px: int, windows: Sequence[HUWindow], rng: np.random.Generator) -> list[_Stack]:
+    """`stacks`, where `count` of them (drawn at random; all if fewer) carry the member's false-positive
+    voxels; copies, so other members' stacks stay as they were."""
+    mined = set(rng.choice(len(stacks), size=min(len(stacks), count), replace=False).tolist())
     out = []
     for index, stack in enumerate(stacks):
         if index in mined:
