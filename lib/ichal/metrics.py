@@ -61,7 +61,7 @@ def frame_scores(mean_prob: np.ndarray) -> np.ndarray:
 STACK_SCORE_CANDIDATES = ("max_voxel", "top_volume_mean", "largest_region_mean", "largest_region_ml", "detected_ml")
 # Volume below which a called region does not make a stack positive by itself (0.1 mL: ~6 voxels at
 # 1.8 x 1.8 x 5 mm; the smallest generated bleeds are larger).
-STACK_SCORE_FLOOR_ML = 0.1
+STACK_SCORE_FLOOR_ML = DEFAULT_CONFIG.min_region_ml
 # The candidate used for stack AP, the paired bootstrap and the app's stack call.
 STACK_SCORE = "max_voxel"
 
