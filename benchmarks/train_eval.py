@@ -73,6 +73,7 @@ def run(train_counts: list[int], test_count: int, size: int, settings: TrainSett
         row = {"train_stacks": count, "positive_train_stacks": sum(bool(i.label.any()) for i in subset),
                "positive_test_stacks": sum(bool(i.label.any()) for i in test_items),
                "train_seconds": train_seconds, "eval_seconds": eval_seconds} | test_metrics
+        row["stack_scores"] = test_evaluator.stack_score_comparison()
         if eval_train:
             train_evaluator, _ = _evaluate(model, subset[:eval_train], "evaluating on training stacks")
             row |= {f"train_set_{name}": value for name, value in train_evaluator.result().items()}
