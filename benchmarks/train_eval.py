@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -99,6 +100,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stack_score_table(names: list[str], evaluators: list[DetectionEvaluator]) -> str:
+    """Markdown: stack AP / AUC of every stack score candidate per checkpoint, and their means."""
+    comparisons = [evaluator.stack_score_comparison() for evaluator in evaluators]
+    lines = ["| checkpoint | " + " | ".join(f"{name}: stack AP / AUC" for name in STACK_SCORE_CANDIDATES) + " |",
+             "|---|" + "---|" * len(STACK_SCORE_CANDIDATES)]
+    for name, comparison in zip(names, comparisons):
+        lines.append(f"| {name} | " + " | ".join(f"{comparison[c]['stack_ap']:.3f} / {comparison[c]['stack_auc']:.3f}"
+                                               for c in STACK_SCORE_CANDIDATES) + " |")
+    means = {c: [np.nanmean([comparison[c][m] for comparison in comparisons]) for m in ("stack_ap", "stack_auc")]
+             for c in STACK_SCORE_CANDIDATES}
+    lines.append(f"| mean of {len(names)} | " + " | ".join(f"{means[c][0]:.3f} / {means[c][1]:.3f}"
+                                                         for c in STACK_SCORE_CANDIDATES) + " |")
+    return "\n".join(lines)
+
+
 def _write_json(args: argparse.Namespace, **content) -> None:
     """`content` with the command's arguments to `args.json`, atomically."""
     atomic_write_bytes(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()}} | content, indent=2).encode())
@@ -145,6 +161,7 @@ def main() -> None:
             evaluators.append(evaluator)
             print(json.dumps({"checkpoint": str(path), "seed": args.seed, "stack_range": [args.eval_start, args.eval_start + len(items)]}
                              | evaluator.result() | {"stack_scores": evaluator.stack_score_comparison()}), flush=True)
+        print(stack_score_table([str(path) for path in args.evaluate], evaluators))
         # (baseline, compared) index pairs: each checkpoint against the first, or with --pairs 1 vs 0, 3 vs 2, ...
         pairs = [(i - 1, i) for i in range(1, len(evaluators), 2)] if args.pairs else [(0, i) for i in range(1, len(evaluators))]
         if pairs:
