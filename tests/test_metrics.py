@@ -19,7 +19,7 @@ from ichal.metrics import (
     STACK_SCORE_CANDIDATES,
     stack_ap,
     stack_score_candidates,
-    stack_scores,
+    stack_score,
 )
 
 
@@ -85,9 +85,11 @@ def test_frame_and_stack_ap_match_sklearn():
     frames = np.concatenate([frame_scores(p) for p in probs])
     frame_truth = np.concatenate([l.any(axis=(1, 2)) for l in labels])
     assert frame_ap(probs, labels) == pytest.approx(average_precision_score(frame_truth, frames))
-    stacks = [stack_scores(p) for p in probs]
-    assert stacks[0] == pytest.approx(float(probs[0].max()))
-    assert stack_ap(probs, labels) == pytest.approx(average_precision_score([l.any() for l in labels], stacks))
+    stacks = [stack_score(p, SPACING_MM) for p in probs]
+    top = round(0.1 / (5 * 1.8 * 1.8 / 1000))  # the highest voxels that fill 0.1 mL
+    assert stacks[0] == pytest.approx(float(np.sort(probs[0].ravel())[-top:].mean()))
+    assert stack_ap(probs, labels, [SPACING_MM] * 6) == pytest.approx(
+        average_precision_score([l.any() for l in labels], stacks))
 
 
 def _two_bleeds():
@@ -139,10 +141,11 @@ def test_evaluator_agrees_with_the_standalone_metrics():
     assert result["pixel_ap"] == pytest.approx(pixel_ap(probs, labels).ap)
     assert result["region_ap"] == pytest.approx(region_ap(probs, labels, threshold=0.5))
     assert result["frame_ap"] == pytest.approx(frame_ap(probs, labels))
-    assert result["stack_ap"] == pytest.approx(stack_ap(probs, labels))  # STACK_SCORE is max_voxel
+    assert result["stack_ap"] == pytest.approx(stack_ap(probs, labels, [SPACING_MM] * len(probs)))
     comparison = evaluator.stack_score_comparison()
     assert set(comparison) == set(STACK_SCORE_CANDIDATES)
-    assert comparison["max_voxel"]["stack_ap"] == pytest.approx(stack_ap(probs, labels))
+    assert comparison["max_voxel"]["stack_ap"] == pytest.approx(
+        average_precision_score([l.any() for l in labels], [p.max() for p in probs]))
     assert np.isnan(result["stack_auc"])  # every stack holds a bleed: no AUC
     pooled = dice(np.concatenate([p.ravel() >= 0.5 for p in probs]), np.concatenate([l.ravel() for l in labels]))
     assert result["dice"] == pytest.approx(pooled)
@@ -172,11 +175,11 @@ def test_paired_bootstrap_finds_a_better_model_and_no_difference_against_itself(
     better = paired_bootstrap([(_evaluate(poor, labels), _evaluate(good, labels))], resamples=300)
     assert [d.metric for d in better] == ["pixel_ap", "stack_ap", "dice"]
     observed = {d.metric: d for d in better}
-    assert observed["stack_ap"].second == pytest.approx(stack_ap(good, labels))
-    assert observed["stack_ap"].first == pytest.approx(stack_ap(poor, labels))
+    assert observed["stack_ap"].second == pytest.approx(stack_ap(good, labels, [SPACING_MM] * len(good)))
+    assert observed["stack_ap"].first == pytest.approx(stack_ap(poor, labels, [SPACING_MM] * len(poor)))
     assert observed["dice"].second == pytest.approx(_evaluate(good, labels).result()["dice"])
     assert _evaluate(good, labels).result()["stack_auc"] == pytest.approx(
-        roc_auc_score([l.any() for l in labels], [p.max() for p in good]))
+        roc_auc_score([l.any() for l in labels], [stack_score(p, SPACING_MM) for p in good]))
     assert observed["pixel_ap"].second == pytest.approx(pixel_ap(good, labels).ap, abs=5e-3)  # logit bins
     for difference in better:
         assert difference.difference > 0 and 0 < difference.low <= difference.difference <= difference.high

@@ -38,7 +38,7 @@ from ichal.config import DEFAULT_CONFIG
 from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
 from ichal.ensemble import EnsembleModel, load_ensemble, predict_stack, save_ensemble
 from ichal.io import atomic_write_bytes
-from ichal.metrics import DetectionEvaluator, stack_scores
+from ichal.metrics import DetectionEvaluator, stack_score
 from ichal.phantom import PhantomStack, generate_pool
 from ichal.selection import (
     Selection,
@@ -243,7 +243,7 @@ def score_stacks(config: ExperimentConfig, model: EnsembleModel, stacks: Sequenc
         scores[stack.id] = StackScores(
             value=stack_uncertainty(patch_scores(prediction.js, patch_px), DEFAULT_CONFIG.top_k_patches),
             acft=acft_scores(prediction.mean_prob, patch_px).total,
-            stack_score=stack_scores(prediction.mean_prob),
+            stack_score=stack_score(prediction.mean_prob, stack.spacing_mm),
             features=mask_features(prediction.mean_prob, stack.spacing_mm, DEFAULT_CONFIG.feature_thresholds,
                                    DEFAULT_CONFIG.min_region_ml),
         )

@@ -62,8 +62,9 @@ STACK_SCORE_CANDIDATES = ("max_voxel", "top_volume_mean", "largest_region_mean",
 # Volume below which a called region does not make a stack positive by itself (0.1 mL: ~6 voxels at
 # 1.8 x 1.8 x 5 mm; the smallest generated bleeds are larger).
 STACK_SCORE_FLOOR_ML = DEFAULT_CONFIG.min_region_ml
-# The candidate used for stack AP, the paired bootstrap and the app's stack call.
-STACK_SCORE = "max_voxel"
+# The candidate used for stack AP, the paired bootstrap and the app's stack call: the best of the candidates on
+# held-out stacks (docs/model.md, "Stack score").
+STACK_SCORE = "top_volume_mean"
 
 
 def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
@@ -100,9 +101,11 @@ def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
                      "detected_ml": float(soft_ml.sum())}
 
 
-def stack_scores(mean_prob: np.ndarray) -> float:
-    """Stack score of one (Z, Y, X) probability map: the highest frame score."""
-    return float(frame_scores(mean_prob).max())
+def stack_score(mean_prob: np.ndarray, spacing_mm: Sequence[float],
+                threshold: float = DEFAULT_CONFIG.detection_threshold) -> float:
+    """The stack score `STACK_SCORE` of one (Z, Y, X) probability map, in [0, 1]; `threshold` or more calls the
+    stack positive."""
+    return stack_score_candidates(mean_prob, spacing_mm, threshold)[STACK_SCORE]
 
 
 def region_hits(mean_prob: np.ndarray, label: np.ndarray, threshold: float = DEFAULT_CONFIG.detection_threshold
@@ -173,11 +176,13 @@ def frame_ap(mean_probs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> 
     return _ap(targets, scores)
 
 
-def stack_ap(mean_probs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
-    """Stack AP: one `stack_scores` per stack, positive when the stack holds any bleed voxel."""
+def stack_ap(mean_probs: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+             spacings_mm: Sequence[Sequence[float]]) -> float:
+    """Stack AP: one `stack_score` per stack, positive when the stack holds any bleed voxel."""
     for p, l in zip(mean_probs, labels, strict=True):
         _check_pair(p, l)
-    return _ap(np.array([l.any() for l in labels]), np.array([stack_scores(p) for p in mean_probs]))
+    scores = [stack_score(p, spacing) for p, spacing in zip(mean_probs, spacings_mm, strict=True)]
+    return _ap(np.array([l.any() for l in labels]), np.array(scores))
 
 
 def binned_average_precision(positives: np.ndarray, negatives: np.ndarray) -> float:

@@ -39,7 +39,7 @@ from ichal.ensemble import (
     windows_to_meta,
 )
 from ichal.io import VolumeError, check_ct_hu, check_label, read_nifti
-from ichal.metrics import dice
+from ichal.metrics import dice, stack_score
 from ichal.models import ModelPreset, build_network, resolve_preset
 
 MODES = ("retrain", "continual")
@@ -83,7 +83,7 @@ class TrainSettings:
 
     Continual mode fine-tunes each member for `continual_iterations` (None: `iterations`) at
     `lr * continual_lr_factor` on new stacks plus stacks it gets wrong: a stack is wrong when the
-    member's stack-level call (any voxel >= detection threshold) is wrong or, for a bleed stack, its
+    member's stack-level call (`ichal.metrics.stack_score` >= detection threshold) is wrong or, for a bleed stack, its
     Dice is below `hard_dice_threshold`.
 
     Retrain mode trains members `first_member` .. `first_member + ensemble_size - 1` (member i's seed is
@@ -146,6 +146,7 @@ class _Stack:
     id: str
     image_hu: np.ndarray
     label: np.ndarray
+    spacing_mm: tuple[float, float, float]  # (z, y, x) on the model grid
     positives: np.ndarray  # flat indices of label voxels
     lookalikes: np.ndarray  # flat indices of look-alike voxels (`lookalike_voxels`)
     # flat indices of the training member's own false-positive voxels (`false_positive_voxels`), once mined
@@ -205,7 +206,9 @@ def _prepare(item: TrainItem, model_spacing_mm: float) -> _Stack:
     label = resample_slices(torch.from_numpy(np.asarray(item.label, dtype=np.float32)), grid) >= 0.5
     label_np = label.numpy().astype(np.uint8)
     image_np = image.round().clamp(-32768, 32767).numpy().astype(np.int16)
-    return _Stack(id=item.id, image_hu=image_np, label=label_np, positives=np.flatnonzero(label_np),
+    return _Stack(id=item.id, image_hu=image_np, label=label_np,
+                  spacing_mm=(float(item.spacing_mm[0]), model_spacing_mm, model_spacing_mm),
+                  positives=np.flatnonzero(label_np),
                   lookalikes=lookalike_voxels(image_np, label_np))
 
 
@@ -354,13 +357,15 @@ def _with_hard_negatives(member: nn.Module, stacks: Sequence[_Stack], count: int
 
 def _member_gets_wrong(member: nn.Module, stack: _Stack, settings: TrainSettings, patch_px: int,
                        windows: Sequence[HUWindow]) -> bool:
-    """ACFT's H: the member's stack-level call is wrong, or its Dice on a bleed stack is too low."""
+    """ACFT's H: the member's stack-level call (`ichal.metrics.stack_score`) is wrong, or its Dice on a bleed
+    stack is too low."""
     channels = window_channels(torch.from_numpy(stack.image_hu), windows)
-    probs = predict_member_slices(member, channels, patch_px, device=settings.device)
-    predicted = probs.numpy() >= settings.config.detection_threshold
+    probs = predict_member_slices(member, channels, patch_px, device=settings.device).numpy()
+    threshold = settings.config.detection_threshold
     has_bleed = bool(stack.positives.size)
-    if predicted.any() != has_bleed:
+    if (stack_score(probs, stack.spacing_mm, threshold) >= threshold) != has_bleed:
         return True
+    predicted = probs >= threshold
     return has_bleed and dice(predicted, stack.label) < settings.hard_dice_threshold
 
 

@@ -13,7 +13,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from ichal.config import DEFAULT_CONFIG
 from ichal.ensemble import predict_stack
 from ichal.io import RESULT_EXTENSIONS, VolumeError, read_nifti, write_result_volume
-from ichal.metrics import frame_scores, region_scores, stack_scores
+from ichal.metrics import frame_scores, region_scores, stack_score
 
 from .context import AppContext
 from .errors import client_error
@@ -67,7 +67,7 @@ class EnsembleInfer(InferTask):
             volume_out = (prediction.mean_prob >= threshold).astype(np.uint8)
             _, regions = region_scores(prediction.mean_prob, threshold)
             result.update(
-                stack_score=stack_scores(prediction.mean_prob),
+                stack_score=stack_score(prediction.mean_prob, volume.spacing_mm),
                 frame_scores=[round(float(s), 4) for s in frame_scores(prediction.mean_prob)],
                 region_scores=[round(float(s), 4) for s in regions],
                 threshold=threshold,
