@@ -86,7 +86,7 @@ def bench_knapsack() -> None:
 def score_stack(member_probs: np.ndarray, spacing_mm: tuple[float, float, float], patch_px: int) -> float:
     """Everything scoring adds on top of the ensemble's member probabilities: JS, V and mask features."""
     value = stack_uncertainty(patch_scores(js_divergence(member_probs), patch_px), DEFAULT_CONFIG.top_k_patches)
-    mask_features(member_probs.mean(axis=0), spacing_mm, DEFAULT_CONFIG.feature_thresholds, DEFAULT_CONFIG.min_region_ml)
+    mask_features(member_probs.mean(axis=0), spacing_mm, DEFAULT_CONFIG.feature_thresholds)
     return value
 
 

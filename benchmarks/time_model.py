@@ -37,7 +37,7 @@ def pool_features(count: int, size: int, seed: int, model_path: Path | None = No
         true_features.append([found.boundary_mm, found.n_components])
         if model is not None:
             mean_prob = predict_stack(model, stack.image_hu, spacing).mean_prob
-            found = mask_features(mean_prob, spacing, DEFAULT_CONFIG.feature_thresholds, DEFAULT_CONFIG.min_region_ml)
+            found = mask_features(mean_prob, spacing, DEFAULT_CONFIG.feature_thresholds)
             predicted_features.append([found.boundary_mm, found.n_components])
         seconds.append(float(stack.meta["simulated_seconds"]))
     predicted = None if model is None else np.asarray(predicted_features)

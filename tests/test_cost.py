@@ -46,19 +46,6 @@ def test_mask_features_average_over_thresholds_and_are_zero_when_empty():
     assert mask_features(volume, (5.0, 0.5, 0.5)).n_components == pytest.approx(2 / 3)
 
 
-def test_mask_features_leave_out_specks_below_the_minimum_region_volume():
-    volume = _square_volume(20, 3)  # 1200 voxels of 0.0125 mL: 15 mL
-    alone = mask_features(volume, spacing_mm=(5.0, 0.5, 0.5))
-    volume[2, 35, 35] = volume[4, 2, 30] = 1.0  # two single-voxel specks of 1.25 uL
-    with_specks = mask_features(volume, spacing_mm=(5.0, 0.5, 0.5))
-    assert with_specks.n_components == 3.0 and with_specks.boundary_mm > alone.boundary_mm
-    assert mask_features(volume, spacing_mm=(5.0, 0.5, 0.5), min_region_ml=0.1) == alone
-    speck_only = np.zeros((2, 10, 10), dtype=np.float32)
-    speck_only[0, 4, 4] = 1.0
-    assert mask_features(speck_only, (5.0, 0.5, 0.5), min_region_ml=0.1) == MaskFeatures(0.0, 0.0)
-    assert mask_features(speck_only, (5.0, 0.5, 0.5), min_region_ml=1e-3).n_components == 1.0  # 1.25 uL kept
-
-
 def test_mask_features_reject_bad_input():
     with pytest.raises(TimeModelError, match="Z, Y, X"):
         mask_features(np.zeros((4, 4)), (1.0, 1.0, 1.0))

@@ -37,8 +37,8 @@ class PipelineConfig:
     patch_mm: float = 72.0
     feature_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
     detection_threshold: float = 0.5
-    # A committee's called region smaller than this is a speck, not a bleed: it neither makes a stack positive
-    # (`ichal.metrics.stack_score_candidates`) nor shapes the predicted labeling time (`ichal.cost.mask_features`).
+    # A committee's called region smaller than this is a speck, not a bleed: it does not make a stack positive by
+    # itself (`ichal.metrics.stack_score_candidates`).
     min_region_ml: float = 0.1
     top_k_patches: int = 200
     ensemble_size: int = 4

@@ -77,16 +77,12 @@ def mask_features(
     mean_prob: np.ndarray,
     spacing_mm: tuple[float, float, float],
     thresholds: Sequence[float] = (0.3, 0.5, 0.7),
-    min_region_ml: float = 0.0,
 ) -> MaskFeatures:
     """Boundary length B (mm) and 3D component count M of `mean_prob` >= t, averaged over `thresholds`.
 
     `mean_prob`: (Z, Y, X) ensemble-mean foreground probabilities in [0, 1] (a binary label works too).
     `spacing_mm`: (z, y, x) voxel size in mm. B sums the in-plane iso-contour lengths of every slice
     (marching squares, sub-pixel); M counts 26-connected components of the thresholded volume.
-    Components smaller than `min_region_ml` are left out of both: for a committee's prediction
-    (`PipelineConfig.min_region_ml`) its false-positive specks, which a radiologist dismisses at a glance but
-    which made bleed-free stacks look like 4-6x their labeling time (docs/results.md, "Honest minutes").
     """
     probs = np.asarray(mean_prob, dtype=np.float32)
     if probs.ndim != 3 or min(probs.shape) < 1:
@@ -100,19 +96,10 @@ def mask_features(
     spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
     full_connectivity = np.ones((3, 3, 3), dtype=bool)
     boundaries_mm, counts = [], []
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     for level in thresholds:
         mask = probs >= level
-        level_probs = probs
-        if min_region_ml > 0 and mask.any():
-            components, count = ndimage.label(mask, structure=full_connectivity)
-            small = np.flatnonzero(np.bincount(components.ravel(), minlength=count + 1)[1:] * voxel_ml < min_region_ml)
-            if small.size:
-                specks = np.isin(components, small + 1)
-                mask &= ~specks
-                level_probs = np.where(specks, 0.0, probs)
         slices_with_foreground = np.flatnonzero(mask.any(axis=(1, 2)))
-        boundaries_mm.append(sum(_contour_length_mm(level_probs[z], level, spacing_yx) for z in slices_with_foreground))
+        boundaries_mm.append(sum(_contour_length_mm(probs[z], level, spacing_yx) for z in slices_with_foreground))
         counts.append(ndimage.label(mask, structure=full_connectivity)[1] if slices_with_foreground.size else 0)
     return MaskFeatures(boundary_mm=float(np.mean(boundaries_mm)), n_components=float(np.mean(counts)))
 

@@ -244,8 +244,7 @@ def score_stacks(config: ExperimentConfig, model: EnsembleModel, stacks: Sequenc
             value=stack_uncertainty(patch_scores(prediction.js, patch_px), DEFAULT_CONFIG.top_k_patches),
             acft=acft_scores(prediction.mean_prob, patch_px).total,
             stack_score=stack_score(prediction.mean_prob, stack.spacing_mm),
-            features=mask_features(prediction.mean_prob, stack.spacing_mm, DEFAULT_CONFIG.feature_thresholds,
-                                   DEFAULT_CONFIG.min_region_ml),
+            features=mask_features(prediction.mean_prob, stack.spacing_mm, DEFAULT_CONFIG.feature_thresholds),
         )
     return scores
 

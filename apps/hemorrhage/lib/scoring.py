@@ -38,8 +38,7 @@ def score_stack(model: Any, image_path: str, context: AppContext) -> dict:
         model, volume.array, volume.spacing_mm, device=context.settings.device, overlap=context.settings.overlap
     )
     patch_px = max(1, int(round(model.patch_px * model.spacing_mm / volume.spacing_mm[1])))
-    features = mask_features(prediction.mean_prob, volume.spacing_mm, DEFAULT_CONFIG.feature_thresholds,
-                             DEFAULT_CONFIG.min_region_ml)
+    features = mask_features(prediction.mean_prob, volume.spacing_mm, DEFAULT_CONFIG.feature_thresholds)
     return {
         "value": stack_uncertainty(patch_scores(prediction.js, patch_px), k=DEFAULT_CONFIG.top_k_patches),
         "boundary_mm": features.boundary_mm,
