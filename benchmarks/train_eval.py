@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--eval-start", type=int, default=0, help="with --evaluate: first stack index of the pool")
     parser.add_argument("--pairs", action="store_true",
                         help="with --evaluate: compare the 2nd checkpoint to the 1st, the 4th to the 3rd, ... (default: all to the 1st)")
+    parser.add_argument("--cache", type=Path,
+                        help="with --evaluate: folder keeping each checkpoint's evaluation (reused by later commands)")
     parser.add_argument("--stack-score", choices=STACK_SCORE_CANDIDATES, default=STACK_SCORE,
                         help="with --evaluate: the stack score the paired bootstrap's stack AP ranks by")
     parser.add_argument("--plot", type=Path,
@@ -152,14 +155,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.evaluate:
-        items = _items(args.test_count, args.size, args.seed, "generating stacks", start=args.eval_start)
+        items: list[TrainItem] | None = None  # generated only when a checkpoint is not in the cache
         evaluators, train_counts = [], []
         for path in args.evaluate:
             model = load_ensemble(path)
             train_counts.append(len(model.meta["train_ids"]))
-            evaluator, _ = _evaluate(model, items, f"evaluating {path}")
+            # Evaluations of a checkpoint (by weights digest) on one stack range are kept, so several commands
+            # (e.g. one per training pool, run side by side) feed one final comparison without predicting again.
+            cached = (args.cache / f"{model.meta['version']}_{args.size}_{args.seed}_{args.eval_start}_{args.test_count}.pkl"
+                      if args.cache else None)
+            if cached is not None and cached.exists():
+                evaluator = pickle.loads(cached.read_bytes())
+            else:
+                items = items or _items(args.test_count, args.size, args.seed, "generating stacks", start=args.eval_start)
+                evaluator, _ = _evaluate(model, items, f"evaluating {path}")
+                if cached is not None:
+                    atomic_write_bytes(cached, pickle.dumps(evaluator))
             evaluators.append(evaluator)
-            print(json.dumps({"checkpoint": str(path), "seed": args.seed, "stack_range": [args.eval_start, args.eval_start + len(items)]}
+            print(json.dumps({"checkpoint": str(path), "seed": args.seed, "stack_range": [args.eval_start, args.eval_start + args.test_count]}
                              | evaluator.result() | {"stack_scores": evaluator.stack_score_comparison()}), flush=True)
         print(stack_score_table([str(path) for path in args.evaluate], evaluators))
         # (baseline, compared) index pairs: each checkpoint against the first, or with --pairs 1 vs 0, 3 vs 2, ...
