@@ -25,7 +25,7 @@ from server_fixtures import running_server, wait_for
 pytestmark = pytest.mark.integration
 
 CONF = {"ensemble_size": "2", "train_iterations": "4", "train_batch_size": "4", "budget_minutes": "45", "model_spacing_mm": "3.6",
-        "checkout_minutes": "30", "train_lookalike_fraction": "1.0"}
+        "checkout_minutes": "30", "train_lookalike_fraction": "1.0", "train_hard_negative_fraction": "0.5"}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,8 @@ def test_training_produces_a_model_reported_in_info(server, pool):
     c.train_start("hemorrhage", {"mode": "retrain"})
     model = wait_for(lambda: c.info()["ichal"]["model"], 600, "the trained ensemble")
     assert sorted(model["train_ids"]) == sorted(labeled_ids(pool))
+    assert model["metrics"]["settings"]["hard_negative_fraction"] == 0.5  # --conf train_hard_negative_fraction
+    assert all("hard_negative_stacks" in member for member in model["metrics"]["members"])
     stats = c.info()["train_stats"]["hemorrhage"]
     assert stats["state"] == "DONE" and stats["stacks"] == 3
 

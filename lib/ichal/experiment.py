@@ -106,6 +106,7 @@ class ExperimentConfig:
     device: str = "cpu"
     batch_slices: int = 16
     lookalike_fraction: float = 0.5  # TrainSettings.lookalike_fraction; docs/results.md runs predate it (0)
+    hard_negative_fraction: float = TrainSettings.hard_negative_fraction
     budget_confidence: float = 0.8  # cost rounds: P(batch's true seconds <= budget) under the batch interval
     # Cost protocol: folds of the seed set whose committees predict the held-out fold (never seen), giving
     # round 1 pick-time time errors to recalibrate on (0: round 1 has none, only the fallback spread).
@@ -122,8 +123,9 @@ class ExperimentConfig:
                 raise ExperimentError(f"config {self.name!r}: {name} must be in (0, 1), got {getattr(self, name)}")
         if self.crossfit_folds == 1 or self.crossfit_folds < 0:
             raise ExperimentError(f"config {self.name!r}: crossfit_folds must be 0 or at least 2, got {self.crossfit_folds}")
-        if not 0.0 <= self.lookalike_fraction <= 1.0:
-            raise ExperimentError(f"config {self.name!r}: lookalike_fraction must be in [0, 1], got {self.lookalike_fraction}")
+        for name in ("lookalike_fraction", "hard_negative_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ExperimentError(f"config {self.name!r}: {name} must be in [0, 1], got {getattr(self, name)}")
 
 
 CONFIGS: dict[str, ExperimentConfig] = {
@@ -211,6 +213,7 @@ def train_labeled(config: ExperimentConfig, data: Data, labeled_ids: Sequence[st
     items = [TrainItem(i, by_id[i].image_hu, by_id[i].label, by_id[i].spacing_mm) for i in labeled_ids]
     settings = TrainSettings(preset=config.preset, ensemble_size=config.members, iterations=config.iterations,
                              batch_size=config.batch_size, lr=config.lr, lookalike_fraction=config.lookalike_fraction,
+                             hard_negative_fraction=config.hard_negative_fraction,
                              seed=train_seed, device=config.device)
     start = time.perf_counter()
     with tqdm(total=config.members * config.iterations, desc=f"training on {len(items)}", unit="it",
@@ -690,6 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="share of the pool labeled at round 0 (default: the config's for the protocol)")
     parser.add_argument("--lookalike-fraction", type=float,
                         help="share of negative training patches on blood-density look-alikes (default 0.5; 0: the sampler of docs/results.md)")
+    parser.add_argument("--hard-negative-fraction", type=float,
+                        help=f"share of negative training patches on the member's own false positives (default {TrainSettings.hard_negative_fraction})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per worker)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes running seeds' shared cells and (seed, method) round chains in parallel")
@@ -706,6 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(config, rounds=args.rounds)
         if args.lookalike_fraction is not None:
             config = dataclasses.replace(config, lookalike_fraction=args.lookalike_fraction)
+        if args.hard_negative_fraction is not None:
+            config = dataclasses.replace(config, hard_negative_fraction=args.hard_negative_fraction)
         if args.seed_fraction is not None:
             field = f"{args.protocol}_seed_fraction"
             config = dataclasses.replace(config, **{field: args.seed_fraction})

@@ -26,6 +26,7 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "train_iterations": (int, 300, "optimizer steps per member per training run"),
     "train_batch_size": (int, 16, "patches per optimizer step"),
     "train_lookalike_fraction": (float, 0.5, "share of negative training patches centred on blood-density look-alikes (dense sinuses, arteries, calcifications)"),
+    "train_hard_negative_fraction": (float, 0.0, "share of negative training patches centred on the member's own false positives, mined halfway through its training"),
     "train_mode": (str, "retrain", "default training mode: retrain (from scratch) or continual (fine-tune)"),
     "device": (str, "cpu", "torch device for inference, scoring and training (cpu, cuda, cuda:1)"),
     "budget_minutes": (float, 60.0, "default labeling budget of a worklist when a request gives none"),
@@ -80,6 +81,7 @@ class AppSettings:
     train_iterations: int
     train_batch_size: int
     train_lookalike_fraction: float
+    train_hard_negative_fraction: float
     train_mode: str
     device: str
     budget_minutes: float
@@ -124,8 +126,9 @@ class AppSettings:
                 raise ConfError(f"--conf {name} must be a positive number, got {value}")
         if self.train_mode not in ("retrain", "continual"):
             raise ConfError(f"--conf train_mode must be retrain or continual, got {self.train_mode!r}")
-        if not 0.0 <= self.train_lookalike_fraction <= 1.0:
-            raise ConfError(f"--conf train_lookalike_fraction must be in [0, 1], got {self.train_lookalike_fraction}")
+        for name in ("train_lookalike_fraction", "train_hard_negative_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfError(f"--conf {name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.budget_confidence < 1.0:
             raise ConfError(f"--conf budget_confidence must be strictly between 0 and 1, got {self.budget_confidence}")
         if not 0.0 <= self.overlap < 1.0:

@@ -87,7 +87,7 @@ class EnsembleTrain(TrainTask):
             items.append(TrainItem(image_id, image.array, label.array, image.spacing_mm))
         settings = TrainSettings(
             preset=s.preset, ensemble_size=s.ensemble_size, iterations=iterations, batch_size=s.train_batch_size,
-            lookalike_fraction=s.train_lookalike_fraction, seed=s.seed, device=s.device, spacing_mm=s.model_spacing_mm,
+            lookalike_fraction=s.train_lookalike_fraction, hard_negative_fraction=s.train_hard_negative_fraction, seed=s.seed, device=s.device, spacing_mm=s.model_spacing_mm,
         )
         started = time.time()
         run_id = uuid.uuid4().hex
