@@ -84,16 +84,18 @@ def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     if not voxel_ml > 0:
         raise ValueError(f"spacing must be positive, got {tuple(spacing_mm)}")
-    flat = np.asarray(mean_prob, dtype=np.float64).ravel()
+    prob = np.asarray(mean_prob)
+    flat = prob.ravel()
     max_voxel = float(flat.max())
     top = max(1, min(flat.size, round(floor_ml / voxel_ml)))
-    components, count = ndimage.label(mean_prob >= threshold, structure=CONNECTIVITY_3D)
-    scores = {"max_voxel": max_voxel, "top_volume_mean": float(np.partition(flat, flat.size - top)[-top:].mean())}
+    components, count = ndimage.label(prob >= threshold, structure=CONNECTIVITY_3D)
+    top_mean = float(np.partition(flat, flat.size - top)[-top:].astype(np.float64).mean())
+    scores = {"max_voxel": max_voxel, "top_volume_mean": top_mean}
     if not count:
         return scores | {"largest_region_mean": threshold * max_voxel, "largest_region_ml": max_voxel * voxel_ml,
                          "detected_ml": max_voxel * voxel_ml}
     sizes_ml = np.bincount(components.ravel(), minlength=count + 1)[1:] * voxel_ml
-    soft_ml = np.asarray(ndimage.sum(flat.reshape(mean_prob.shape), components, np.arange(1, count + 1))) * voxel_ml
+    soft_ml = np.asarray(ndimage.sum(prob, components, np.arange(1, count + 1)), dtype=np.float64) * voxel_ml
     large = sizes_ml >= floor_ml
     largest_mean = (float(soft_ml[large].max() / sizes_ml[large][soft_ml[large].argmax()]) if large.any()
                     else threshold * max_voxel)
