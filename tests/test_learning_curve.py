@@ -10,7 +10,6 @@ from ichal.learning_curve import (
     CurvePoint,
     StoppingRule,
     gain_per_hour,
-    hours_to_fraction_of_final,
     plateau_start,
     stopping_advice,
 )
@@ -93,8 +92,3 @@ def test_bad_rules_and_points_are_refused_by_name():
 def test_plateau_start_is_none_on_a_rising_curve():
     assert plateau_start(curve(range(1, 9), [0.1 * h for h in range(1, 9)]), StoppingRule()) is None
 
-
-def test_hours_to_fraction_of_final_needs_the_curve_to_stay_above():
-    # Reaches 95% of 0.8 (0.76) at 3 h, dips below at 4 h, stays from 5 h.
-    assert hours_to_fraction_of_final([1, 2, 3, 4, 5, 6], [0.2, 0.5, 0.77, 0.7, 0.78, 0.8]) == 5.0
-    assert hours_to_fraction_of_final([3, 1, 2], [0.9, 0.95, 0.1]) == 3.0  # sorted by hours first

@@ -169,13 +169,3 @@ def stopping_advice(points: Sequence[CurvePoint], rule: StoppingRule = StoppingR
                                            f"stop below {rule.min_gain_per_hour:.3f})",
                           rule, len(usable), gain, None, latest)
 
-
-def hours_to_fraction_of_final(hours: Sequence[float], values: Sequence[float], fraction: float = 0.95) -> float:
-    """The labeled hours from which a curve stays at or above `fraction` of its final value (its last point)."""
-    x, y = np.asarray(hours, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    if not len(x):
-        raise CurveError("an empty curve has no final value")
-    order = np.argsort(x, kind="stable")
-    x, y = x[order], y[order]
-    below = np.flatnonzero(y < fraction * y[-1])
-    return float(x[below[-1] + 1] if len(below) else x[0])
