@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from ichal.ensemble import load_ensemble
-from ichal.experiment import ExperimentConfig, _seed_data, evaluate, load_records
+from ichal.experiment import ExperimentConfig, _seed_data, load_records
 from ichal.experiment_hours import hours_to_reach
 from ichal.learning_curve import CURVE_METRICS, CurvePoint, StoppingRule, stopping_advice
+from ichal.prequential import batch_metrics
+from ichal.train import TrainItem
 
 FRACTION_OF_FINAL = 0.95
 
@@ -45,12 +47,14 @@ def batch_points(run: Path, config: ExperimentConfig, seed: int, methods: list[s
         for previous, record in zip(chain, chain[1:]):
             folder = "shared" if previous["round"] == 0 else method
             model = load_ensemble(run / "hours" / f"seed{seed}" / folder / f"round{previous['round']}.pt", config.device)
-            batch = [by_id[i] for i in record["picked_ids"]]
+            batch = [TrainItem(i, by_id[i].image_hu, by_id[i].label, by_id[i].spacing_mm) for i in record["picked_ids"]]
+            if not batch:  # an exhausted pool: nothing was picked
+                continue
             rows.append({
                 "seed": seed, "method": method, "round": previous["round"], "hours": previous["labeled_hours"],
                 "stacks": len(batch), "positive": sum(bool(s.label.any()) for s in batch),
                 "hours_after": record["labeled_hours"],
-                "prequential": {k: evaluate(config, model, batch)[k] for k in CURVE_METRICS},
+                "prequential": batch_metrics(model, batch, device=config.device),
                 "held_out": {k: previous["metrics"][k] for k in CURVE_METRICS},
                 "held_out_final": {k: chain[-1]["metrics"][k] for k in CURVE_METRICS},
                 "held_out_curve": [(r["labeled_hours"], r["metrics"]) for r in chain],
@@ -76,7 +80,7 @@ def chain_summary(rows: list[dict], rule: StoppingRule) -> dict:
 def agreement(rows: list[dict], metric: str) -> dict:
     """Pearson correlation and mean difference (prequential - held-out) over the rows with both finite."""
     pairs = np.array([(r["prequential"][metric], r["held_out"][metric]) for r in rows
-                      if math.isfinite(r["prequential"][metric]) and math.isfinite(r["held_out"][metric])])
+                      if r["prequential"][metric] is not None and math.isfinite(r["held_out"][metric])])
     if len(pairs) < 3:
         return {"n": len(pairs), "correlation": math.nan, "mean_difference": math.nan}
     return {"n": len(pairs), "correlation": float(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]),
@@ -113,7 +117,8 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
             chain = sorted((r for r in rows if r["seed"] == seed and r["method"] == method), key=lambda r: r["hours"])
             if not chain:
                 continue
-            line, = axis.plot([r["hours"] for r in chain], [r["prequential"][metric] for r in chain], "o-", lw=1)
+            line, = axis.plot([r["hours"] for r in chain], [r["prequential"][metric] if r["prequential"][metric] is not None
+                                                            else math.nan for r in chain], "o-", lw=1)
             axis.plot([h for h, _ in chain[0]["held_out_curve"]], [m[metric] for _, m in chain[0]["held_out_curve"]],
                       "s--", lw=1, color=line.get_color(), alpha=0.6)
         axis.set(title=method, xlabel="labeled true hours")
