@@ -294,6 +294,12 @@ class StateDB:
             "SELECT snapshot FROM serves WHERE client = ? ORDER BY ts DESC, id DESC LIMIT 1", (client,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def latest_serves(self) -> dict[str, dict[str, Any]]:
+        """client -> the snapshot of the last serve to that client, for every client ever served."""
+        rows = self._connection().execute(
+            "SELECT client, snapshot FROM serves WHERE id IN (SELECT MAX(id) FROM serves GROUP BY client) ORDER BY client")
+        return {client: json.loads(snapshot) for client, snapshot in rows.fetchall()}
+
     # -- measured labeling times ---------------------------------------------------------------
     def upsert_label_time(self, record: dict[str, Any]) -> None:
         """Store one measured time; a record with the same image, client and `started` is replaced, not duplicated.
@@ -359,6 +365,12 @@ class StateDB:
         row = self._connection().execute(
             "SELECT run_id, state, pid, started, ended, document FROM train_runs WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else TrainRun(*row[:-1], json.loads(row[-1]))
+
+    def train_runs(self, limit: int = 20) -> list[TrainRun]:
+        """The last `limit` runs, newest first."""
+        rows = self._connection().execute(
+            "SELECT run_id, state, pid, started, ended, document FROM train_runs ORDER BY rowid DESC LIMIT ?", (limit,))
+        return [TrainRun(*row[:-1], json.loads(row[-1])) for row in rows.fetchall()]
 
     def latest_train_run(self) -> TrainRun | None:
         """The run created last (an update keeps a run's place: it never deletes the row)."""
