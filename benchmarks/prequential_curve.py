@@ -9,12 +9,17 @@ held-out curve (rounds 0..R) first reaches 95% of its final value (`ichal.experi
 
     OMP_NUM_THREADS=1 python benchmarks/prequential_curve.py --run out/hours/it1600 --out out/prequential
 
+With `--simulate`, first runs (or resumes) that per-hour experiment in --run: config `hours` with
+--iterations, --rounds and --budget-fraction (each round's budget as a share of the pool's true hours),
+seeds --seeds, methods --methods, in --workers processes.
+
 Writes OUT/prequential.jsonl (one line per batch), OUT/prequential.md (the table) and OUT/prequential.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 
 from ichal.ensemble import load_ensemble
-from ichal.experiment import ExperimentConfig, _seed_data, load_records
+from ichal.experiment import CONFIGS, ExperimentConfig, _seed_data, load_records, run_protocol
 from ichal.experiment_hours import hours_to_reach
 from ichal.learning_curve import CURVE_METRICS, CurvePoint, StoppingRule, stopping_advice
 from ichal.prequential import batch_metrics
@@ -136,8 +141,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["random", "uncertainty", "cost_sensitive", "oracle_cost"])
     parser.add_argument("--window", type=int, default=StoppingRule.window)
     parser.add_argument("--min-gain-per-hour", type=float, default=StoppingRule.min_gain_per_hour)
+    parser.add_argument("--simulate", action="store_true", help="run (or resume) the per-hour experiment in --run first")
+    parser.add_argument("--iterations", type=int, default=1600, help="with --simulate: training steps per member")
+    parser.add_argument("--rounds", type=int, default=8, help="with --simulate: labeled batches after the seed set")
+    parser.add_argument("--budget-fraction", type=float, default=0.10,
+                        help="with --simulate: each batch's true hours as a share of the pool's")
+    parser.add_argument("--workers", type=int, default=1, help="with --simulate: experiment processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.simulate:
+        config = dataclasses.replace(CONFIGS["hours"], iterations=args.iterations, rounds=args.rounds,
+                                     hours_budget_fraction=args.budget_fraction)
+        run_protocol("hours", config, args.run, args.seeds, resume=True, methods=args.methods, workers=args.workers)
     saved = json.loads((args.run / "hours_config.json").read_text())
     config = ExperimentConfig(**{k: v for k, v in saved.items() if k != "data_fingerprint"})
     rule = StoppingRule(window=args.window, min_gain_per_hour=args.min_gain_per_hour)
