@@ -68,7 +68,7 @@ def state_fingerprint(pool: Path) -> dict[str, str]:
 def test_info_lists_the_pool_tasks_and_time_model(server, pool):
     info = MONAILabelClient(server).info()
     assert info["datastore"]["total"] == 10 and info["datastore"]["completed"] == 3
-    assert set(info["strategies"]) == {"cost_sensitive", "uncertainty", "random", "acft", "cold_start"}
+    assert set(info["strategies"]) == {"cost_sensitive", "uncertainty", "random", "acft", "cold_start", "review"}
     assert {"hemorrhage", "hemorrhage_uncertainty"} <= set(info["models"])
     assert info["ichal"]["time_model"]["source"] == "prior"
     assert info["ichal"]["model"] is None

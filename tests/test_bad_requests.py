@@ -209,6 +209,11 @@ CASES: dict[str, Case] = {
     "train_unknown_model": Case("POST", "/train/nope", 404, "unknown training task", json_body={}),
     "train_all_bad_params": Case("POST", "/train/", 400, "mode must be", json_body={"hemorrhage": {"mode": "bogus"}}),
     "scoring_unknown": Case("POST", "/scoring/nope", 404, "unknown scoring method", json_body={}),
+    # Machine labels (issue 20): written only by POST /autolabel/, which needs a committee.
+    "label_machine_tag": Case("PUT", "/datastore/label", 403, "POST /autolabel/", {"image": UNLABELED, "tag": "machine"},
+                              files=label_upload(lambda s: np.zeros(s, np.uint8))),
+    "batch_infer_as_final": Case("POST", "/batch/infer/hemorrhage", 403, "/autolabel/", json_body={"label_tag": "final"}),
+    "autolabel_before_training": Case("POST", "/autolabel/", 409, "no trained model yet"),
 }
 
 

@@ -17,7 +17,8 @@ import pytest
 from ichal.checkout import CheckoutRegistry
 from ichal.io import Volume
 from ichal.labeling_time import EventLog, LabelEvent
-from ichal.state import STATE_DB_NAME, StateDB, StateError
+import ichal.state as state_module
+from ichal.state import SCHEMA_VERSION, STATE_DB_NAME, StateDB, StateError
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "hemorrhage"
 # Fresh interpreters, as MONAI Label's training and scoring subprocesses are.
@@ -67,8 +68,33 @@ def test_the_database_is_in_wal_mode_with_full_sync_and_a_schema_version(tmp_pat
     db = StateDB.open(tmp_path)
     other = sqlite3.connect(tmp_path / STATE_DB_NAME)
     assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert other.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert db._connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_version_1_database_is_upgraded_in_place_keeping_its_rows(tmp_path):
+    with sqlite3.connect(tmp_path / STATE_DB_NAME) as connection:
+        connection.executescript(state_module._SCHEMA)
+        connection.execute("INSERT INTO label_times (image, client, started, saved, seconds, boundary_mm, n_components) "
+                           "VALUES ('ct_1', 'a', 1.0, 61.0, 60.0, 10.0, 1)")
+        connection.execute("PRAGMA user_version = 1")
+    db = StateDB.open(tmp_path)
+    assert db.schema_version() == 2
+    assert [r["seconds"] for r in db.label_times()] == [60.0]
+    db.save_curve_point("v1", 2.5, 3, {"metrics": {"pixel_ap": 0.4}})
+    assert db.curve_points()[0]["metrics"] == {"pixel_ap": 0.4}
+
+
+def test_a_committee_scored_twice_keeps_one_curve_point_and_reviews_stay_apart(tmp_path):
+    db = StateDB.open(tmp_path)
+    db.save_curve_point("v1", 2.0, 3, {"metrics": {"pixel_ap": 0.4}}, ts=1.0)
+    db.save_curve_point("v2", 3.0, 2, {"metrics": {"pixel_ap": 0.5}}, ts=2.0)
+    db.save_curve_point("v1", 2.0, 4, {"metrics": {"pixel_ap": 0.45}}, ts=3.0)  # training of v1's batch retried
+    assert [(p["model_version"], p["stacks"]) for p in db.curve_points()] == [("v2", 2), ("v1", 4)]
+    db.upsert_review_time("ct_1", "a", 10.0, 25.0, 15.0)
+    db.upsert_review_time("ct_1", "a", 10.0, 30.0, 20.0)  # saved again in the same session
+    assert db.review_times() == [{"image": "ct_1", "client": "a", "started": 10.0, "saved": 30.0, "seconds": 20.0}]
+    assert db.label_times() == []
 
 
 def test_a_database_from_a_newer_version_is_refused(tmp_path):

@@ -10,6 +10,7 @@ and are `async` functions that block the event loop, so one annotator's request 
   - keep each upload in a private temp folder that is removed whatever happens;
   - refuse image-info fields the app writes itself (scores, features, check-out stamps);
   - validate training and scoring requests before a subprocess starts (not after it fails);
+  - store machine labels (tag `machine`) only through POST /autolabel/, never from a client or batch infer;
   - switch off what this app does not use: sessions (and their archive uncompress), model upload, whole-slide
     infer, and the dataset zip unless `--conf enable_dataset_download true`;
   - are plain `def` handlers, which FastAPI runs in its thread pool: requests no longer queue
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -32,7 +34,7 @@ import anyio.from_thread
 import fastapi
 import requests
 from fastapi import BackgroundTasks, Body, File, Form, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from starlette.background import BackgroundTask
 
 import monailabel.endpoints.datastore as datastore_endpoint
@@ -44,6 +46,7 @@ from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.utils.others.generic import remove_file
 
+from lib.autolabel import MACHINE_TAG
 from lib.errors import check_image_id, client_error
 from lib.scoring import FEATURE_KEY, SCORE_KEY
 from lib.trainers import parse_train_request
@@ -164,6 +167,9 @@ def install_guarded_routes(server: fastapi.FastAPI, app: Any) -> None:
                    user: User = fastapi.Depends(ANNOTATOR)) -> dict:
         check_image_id(image)
         check_image_id(tag or "final")
+        if tag == MACHINE_TAG:
+            raise client_error(f"labels tagged {MACHINE_TAG!r} are written only by POST /autolabel/: save your "
+                               "reviewed label as tag 'final'", 403)
         save_params = parse_json_object(params, "params")
         check_client_id(save_params)
         check_reserved_fields(save_params, RESERVED_LABEL_INFO, "label info")
@@ -285,6 +291,27 @@ def install_guarded_routes(server: fastapi.FastAPI, app: Any) -> None:
     def download_label(label: str, tag: str, user: User = fastapi.Depends(USER)):
         return datastore_endpoint.download_label(label, tag)
 
+    # Issue 20: auto-label the rest, and the dashboard.
+    def start_autolabel(user: User = fastapi.Depends(ADMIN)) -> dict:
+        return app.autolabeler.start()
+
+    def autolabel_status(user: User = fastapi.Depends(USER)) -> dict:
+        return app.autolabeler.status()
+
+    def dashboard_data(user: User = fastapi.Depends(USER)) -> dict:
+        return app.context.dashboard_data(datastore(), app.autolabeler.running())
+
+    def dashboard_page(user: User = fastapi.Depends(USER)) -> HTMLResponse:
+        from ichal.dashboard import render_page
+
+        page = render_page(app.context.dashboard_data(datastore(), app.autolabeler.running()),
+                           time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        return HTMLResponse(page)
+
+    # MONAI Label's batch infer saves labels under any client-given tag, "final" too: machine labels would
+    # then be trained on as a radiologist's. POST /autolabel/ is this app's batch infer.
+    no_batch_infer = _disabled("batch infer is replaced by POST /autolabel/, which stores machine labels apart "
+                               "from radiologists' (tag 'machine')")
     no_sessions = _disabled("sessions are off: this app works on datastore images by id "
                             "(infer with ?image=<id>); upload new images with PUT /datastore/image?image=<id>")
     no_model_upload = _disabled("the committee is replaced only by training (POST /train/hemorrhage); "
@@ -313,6 +340,11 @@ def install_guarded_routes(server: fastapi.FastAPI, app: Any) -> None:
         ("/session/", ["PUT"], no_sessions),
         ("/session/{session_id}", ["GET", "DELETE"], no_sessions),
         ("/model/{model}", ["PUT", "DELETE"], no_model_upload),
+        ("/batch/infer/{model}", ["POST"], no_batch_infer),
+        ("/autolabel/", ["POST"], start_autolabel),
+        ("/autolabel/", ["GET"], autolabel_status),
+        ("/dashboard/", ["GET"], dashboard_page),
+        ("/dashboard/data.json", ["GET"], dashboard_data),
     ]
     for path, methods, endpoint in routes:
         server.add_api_route(prefix + path, endpoint, methods=methods, include_in_schema=False)

@@ -2,7 +2,8 @@
 
 Wiring only: every computation is in the `ichal` library. Tasks: infer `hemorrhage` and
 `hemorrhage_uncertainty`, train `hemorrhage`, scoring `committee`, strategies `cost_sensitive`,
-`uncertainty`, `random`, `acft`, `cold_start`. Configuration: `--conf` keys in lib/settings.py.
+`uncertainty`, `random`, `acft`, `cold_start` and `review` (machine labels from POST /autolabel/).
+GET /dashboard/ shows the learning curve and the stopping advice. Configuration: `--conf` keys in lib/settings.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from lib.infers import EnsembleInfer
 from lib.pacs_datastore import PacsDatastore
 from lib.scoring import CommitteeScoring, scoring_in_progress, scoring_needed
 from lib.settings import CONF_KEYS, AppSettings, check_exposure, server_host
-from lib.strategies import STRATEGY_DESCRIPTIONS, BudgetedStrategy
+from lib.autolabel import AutoLabeler
+from lib.strategies import STRATEGY_DESCRIPTIONS, BudgetedStrategy, ReviewStrategy
 from lib.trainers import EnsembleTrain
 from api_guard import install_guarded_routes
 from ohif_route import fix_ohif_route
@@ -40,6 +42,7 @@ class HemorrhageApp(MONAILabelApp):
         # In a training/scoring subprocess: end with the server (a no-op in the server itself).
         die_with_server()
         self.context = AppContext(self.settings)
+        self.autolabeler = AutoLabeler(self.context, self.datastore, self._infer_label)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -75,7 +78,8 @@ class HemorrhageApp(MONAILabelApp):
         return {"committee": CommitteeScoring(self.context)}
 
     def init_strategies(self) -> Dict[str, Any]:
-        return {name: BudgetedStrategy(name, self.context, text) for name, text in STRATEGY_DESCRIPTIONS.items()}
+        strategies: Dict[str, Any] = {name: BudgetedStrategy(name, self.context, text) for name, text in STRATEGY_DESCRIPTIONS.items()}
+        return {**strategies, "review": ReviewStrategy(self.context)}
 
     def next_sample(self, request: dict) -> dict:
         strategy = request.get("strategy") or "cost_sensitive"
@@ -94,6 +98,10 @@ class HemorrhageApp(MONAILabelApp):
         image_uri = (datastore or self.datastore()).get_image_uri(image_id)
         return super().infer({**request, "image": image_uri, "image_id": image_id}, datastore)
 
+    def _infer_label(self, image_id: str) -> tuple[str, dict]:
+        """The committee's label of datastore image `image_id` (a temp file) and its result fields."""
+        return self._infers["hemorrhage"]({"image": self.datastore().get_image_uri(image_id), "image_id": image_id})
+
     def async_scoring(self, method, params=None):
         # MONAI Label calls this after every next-sample and training, and queues a subprocess each time
         # (223 queued in one 8-annotator benchmark run, each a core busy for ~20 s of start-up). Start one
@@ -108,12 +116,15 @@ class HemorrhageApp(MONAILabelApp):
         meta = super().info()
         model = self.context.load_model() if self.settings.model_path.exists() else None
         records = self.context.label_times.read()
+        curve, advice = self.context.stopping()
         meta["ichal"] = {
             # `calibration`: how the predictions made at serve time held against the measured seconds.
             "time_model": {**self.context.time_model().describe(), "calibration": calibration_summary(records)},
             "measured_label_times": len(records),
             "model": None if model is None else {k: model.meta.get(k) for k in ("version", "created", "preset", "train_ids", "metrics")},
             "settings": {key: getattr(self.settings, key) for key in CONF_KEYS},
+            # Prequential: each labeled batch scored by the committee that picked it, before training on it.
+            "stopping": {**advice.to_dict(), "curve": curve},
         }
         return meta
 

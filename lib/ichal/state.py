@@ -26,7 +26,7 @@ from ichal.labeling_time import LabelEvent, measured_times
 logger = logging.getLogger(__name__)
 
 STATE_DB_NAME = "state.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # The JSON files of earlier versions, imported once into a new state.sqlite3 and then renamed `<name>.migrated`.
 LEGACY_JSON_FILES = ("label_events.json", "label_times.json", "checkouts.json", "train_status.json")
 # Another process holding the write lock (a save, a training-progress update) is waited for, not failed on.
@@ -80,6 +80,27 @@ CREATE TABLE calibration (
     document TEXT NOT NULL
 );
 """
+
+# Version 2 (issue 20): the prequential learning curve and the review times of accepted machine labels.
+_SCHEMA_V2 = """
+CREATE TABLE curve_points (
+    model_version TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    hours REAL NOT NULL,
+    stacks INTEGER NOT NULL,
+    document TEXT NOT NULL
+);
+CREATE TABLE review_times (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image TEXT NOT NULL,
+    client TEXT NOT NULL,
+    started REAL NOT NULL,
+    saved REAL NOT NULL,
+    seconds REAL NOT NULL,
+    UNIQUE (image, client, started)
+);
+"""
+_UPGRADES = {1: _SCHEMA_V2}  # from version k to k + 1
 
 _LABEL_TIME_COLUMNS = ("image", "client", "started", "saved", "seconds", "boundary_mm", "n_components")
 _TRAIN_RUN_COLUMNS = ("state", "pid", "started", "ended")
@@ -150,6 +171,7 @@ class StateDB:
         db = cls(state_dir / STATE_DB_NAME)
         legacy_paths = [state_dir / name for name in LEGACY_JSON_FILES if (state_dir / name).exists()]
         if db.path.exists() and db.schema_version() > 0:
+            db._upgrade()
             db._check_version()
             if legacy_paths:
                 logger.warning(f"not imported, {db.path} already holds the state: {[str(p) for p in legacy_paths]}")
@@ -207,14 +229,22 @@ class StateDB:
             raise StateError(f"{self.path} has schema version {version}, this ichal reads version {SCHEMA_VERSION}: "
                              "run the ichal version that wrote it, or move the file aside to start afresh")
 
+    def _upgrade(self) -> None:
+        """Bring an older schema to `SCHEMA_VERSION` by adding what later versions added, in one transaction;
+        rows already stored are left as they are."""
+        with self.transaction() as connection:
+            version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+            while version in _UPGRADES:
+                _execute_script(connection, _UPGRADES[version])
+                version += 1
+                connection.execute(f"PRAGMA user_version = {version}")
+
     def _create(self, legacy: _LegacyRows) -> bool:
         """Create the schema and import `legacy`, unless another process did so first; True if this call did."""
         with self.transaction() as connection:
             if int(connection.execute("PRAGMA user_version").fetchone()[0]) > 0:
                 return False
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
+            _execute_script(connection, _SCHEMA + _SCHEMA_V2)
             for event in legacy.events:
                 self.record_event(event)
             for record in legacy.label_times:
@@ -263,6 +293,12 @@ class StateDB:
         row = self._connection().execute(
             "SELECT snapshot FROM serves WHERE client = ? ORDER BY ts DESC, id DESC LIMIT 1", (client,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def latest_serves(self) -> dict[str, dict[str, Any]]:
+        """client -> the snapshot of the last serve to that client, for every client ever served."""
+        rows = self._connection().execute(
+            "SELECT client, snapshot FROM serves WHERE id IN (SELECT MAX(id) FROM serves GROUP BY client) ORDER BY client")
+        return {client: json.loads(snapshot) for client, snapshot in rows.fetchall()}
 
     # -- measured labeling times ---------------------------------------------------------------
     def upsert_label_time(self, record: dict[str, Any]) -> None:
@@ -330,11 +366,48 @@ class StateDB:
             "SELECT run_id, state, pid, started, ended, document FROM train_runs WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else TrainRun(*row[:-1], json.loads(row[-1]))
 
+    def train_runs(self, limit: int = 20) -> list[TrainRun]:
+        """The last `limit` runs, newest first."""
+        rows = self._connection().execute(
+            "SELECT run_id, state, pid, started, ended, document FROM train_runs ORDER BY rowid DESC LIMIT ?", (limit,))
+        return [TrainRun(*row[:-1], json.loads(row[-1])) for row in rows.fetchall()]
+
     def latest_train_run(self) -> TrainRun | None:
         """The run created last (an update keeps a run's place: it never deletes the row)."""
         row = self._connection().execute(
             "SELECT run_id, state, pid, started, ended, document FROM train_runs ORDER BY rowid DESC LIMIT 1").fetchone()
         return None if row is None else TrainRun(*row[:-1], json.loads(row[-1]))
+
+    # -- the prequential learning curve ----------------------------------------------------------
+    def save_curve_point(self, model_version: str, hours: float, stacks: int, document: dict[str, Any],
+                         ts: float | None = None) -> None:
+        """Store committee `model_version`'s score on the batch it picked (`document`: metrics, image ids),
+        trained on `hours` labeled hours; a second score of the same committee (a training retried) replaces it."""
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO curve_points (model_version, ts, hours, stacks, document) VALUES (?, ?, ?, ?, ?)",
+                (model_version, time.time() if ts is None else ts, hours, stacks, json.dumps(document, sort_keys=True)))
+
+    def curve_points(self) -> list[dict[str, Any]]:
+        """Every stored curve point as a dict (model_version, ts, hours, stacks and the document's keys), oldest first."""
+        rows = self._connection().execute(
+            "SELECT model_version, ts, hours, stacks, document FROM curve_points ORDER BY ts, rowid").fetchall()
+        return [{**json.loads(row[4]), "model_version": row[0], "ts": row[1], "hours": row[2], "stacks": row[3]}
+                for row in rows]
+
+    # -- review times of accepted machine labels ---------------------------------------------
+    def upsert_review_time(self, image: str, client: str, started: float, saved: float, seconds: float) -> None:
+        """One review (a machine label accepted or corrected) measured; kept apart from the labeling times."""
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT INTO review_times (image, client, started, saved, seconds) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (image, client, started) DO UPDATE SET saved = excluded.saved, seconds = excluded.seconds",
+                (image, client, started, saved, seconds))
+
+    def review_times(self) -> list[dict[str, Any]]:
+        rows = self._connection().execute(
+            "SELECT image, client, started, saved, seconds FROM review_times ORDER BY id").fetchall()
+        return [dict(zip(("image", "client", "started", "saved", "seconds"), row)) for row in rows]
 
     # -- calibration ---------------------------------------------------------------------------
     def append_calibration(self, document: dict[str, Any], ts: float | None = None) -> int:
@@ -347,6 +420,13 @@ class StateDB:
     def calibrations(self) -> list[CalibrationRecord]:
         rows = self._connection().execute("SELECT id, ts, document FROM calibration ORDER BY id").fetchall()
         return [CalibrationRecord(row[0], row[1], json.loads(row[2])) for row in rows]
+
+
+def _execute_script(connection: sqlite3.Connection, script: str) -> None:
+    """Each statement of `script` inside the caller's transaction (`executescript` would commit it)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            connection.execute(statement)
 
 
 def _read_legacy(paths: list[Path]) -> _LegacyRows:

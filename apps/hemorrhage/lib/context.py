@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,6 +16,7 @@ from ichal.checkout import CheckoutRegistry
 from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
 from ichal.io import Volume
 from ichal.labeling_time import EventLog, measured_times
+from ichal.learning_curve import CurvePoint, StoppingAdvice, stopping_advice
 from ichal.state import StateDB
 from ichal.time_intervals import worklist_summary
 
@@ -92,6 +94,35 @@ class AppContext:
                 self._model_cache = (mtime, load_ensemble(path, device=self.settings.device))
             return self._model_cache[1]
 
+    # -- the prequential curve and when to stop ------------------------------------------------
+    def stopping(self) -> tuple[list[dict[str, Any]], StoppingAdvice]:
+        """The stored curve points (oldest first) and the stopping advice they give under the settings' rule."""
+        records = self.state.curve_points()
+        points = [CurvePoint(r["model_version"], r["hours"], r["stacks"], r["metrics"]) for r in records]
+        return records, stopping_advice(points, self.settings.stopping_rule)
+
+    def dashboard_data(self, datastore: Any, autolabel_running: bool = False) -> dict[str, Any]:
+        """What GET /dashboard/ shows (`ichal.dashboard.dashboard_data`), from the state database and `datastore`."""
+        from ichal.dashboard import dashboard_data  # matplotlib: only the server process draws
+
+        curve, advice = self.stopping()
+        worklists = []
+        for client, snapshot in self.state.latest_serves().items():
+            worklist = snapshot.get("worklist")
+            if not worklist:  # a review serve: one machine label, no worklist
+                continue
+            ids = [item["id"] for item in worklist.get("items", [])]
+            worklists.append({"client": client, "strategy": worklist.get("strategy"), "ids": ids,
+                              "labeled": [i for i in ids if datastore.has_final_label(i)],
+                              "predicted_minutes": worklist.get("predicted_seconds", 0.0) / 60.0,
+                              "budget_minutes": worklist.get("budget_seconds", 0.0) / 60.0})
+        runs = [{"state": run.state, "mode": run.document.get("mode"), "stacks": run.document.get("stacks"),
+                 "version": run.document.get("version"), "seconds": run.document.get("seconds"),
+                 "started_iso": time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.started)) if run.started else None}
+                for run in self.state.train_runs()]
+        busy = autolabel_running or self.train_status.read().get("state") == "RUNNING"
+        return dashboard_data(curve, advice, self.label_times.read(), self.state.review_times(), worklists, runs, busy)
+
     # -- labeling time ------------------------------------------------------------------------
     def time_model(self) -> LabelTimeModel:
         """The fitted labeling-time model; the literature prior until enough times are measured."""
@@ -103,7 +134,7 @@ class AppContext:
         """A final label was saved: log it, end the stack's check-out, turn the client's session into
         measured seconds (one record per session), refit the time model. `label`: the saved mask, whose
         boundary and components are the time model's features. Returns the time record, None when the
-        save followed no serve (nothing to measure)."""
+        save followed no serve (nothing to measure) or was a review (its time goes to `review_times`)."""
         features = mask_features(label.array.astype(np.float32), label.spacing_mm)
         # One transaction (one sync) for the event, the time record and the check-out: all or none.
         with self.state.transaction():
@@ -114,6 +145,11 @@ class AppContext:
             if not sessions:
                 return None
             latest = sessions[-1]
+            at_serve = self.state.serve_snapshot(client, image_id, latest.saved)
+            if (at_serve or {}).get("strategy") == "review":
+                # An accepted or corrected machine label: a review time, kept apart from labeling times.
+                self.state.upsert_review_time(image_id, client, latest.started, latest.saved, latest.seconds)
+                return None
             record = {
                 "image": image_id,
                 "client": client,
@@ -123,7 +159,6 @@ class AppContext:
                 "boundary_mm": features.boundary_mm,
                 "n_components": features.n_components,
             }
-            at_serve = self.state.serve_snapshot(client, image_id, latest.saved)
             if at_serve is not None:
                 record["at_serve"] = worklist_summary(at_serve)
             # A second save after the same serve measures the same session: it updates that record, not adds one.

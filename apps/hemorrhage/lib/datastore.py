@@ -78,6 +78,11 @@ class HemorrhageDatastore(LocalDatastore):
         obj = self._datastore.objects.get(image_id)
         return obj is not None and "final" in obj.labels
 
+    def labels_tagged(self, tag: str) -> dict[str, Dict[str, Any]]:
+        """image id -> label info, of every image with a label tagged `tag` (e.g. the machine labels)."""
+        self._init_from_datastore_file()
+        return {image_id: obj.labels[tag].info for image_id, obj in self._datastore.objects.items() if tag in obj.labels}
+
     def image_infos(self, image_ids: list[str]) -> dict[str, Dict[str, Any]]:
         """The info dicts of `image_ids` (all known), from one reload instead of one per image."""
         self._init_from_datastore_file()

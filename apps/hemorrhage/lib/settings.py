@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ichal.learning_curve import CurveError, StoppingRule
+
+
 def parse_bool(raw: str) -> bool:
     """`--conf` booleans: true/false, yes/no, 1/0 (any case); anything else is an error, not a silent False."""
     value = str(raw).strip().lower()
@@ -40,6 +43,9 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "pacs_sync_seconds": (float, 30.0, "with a DICOMweb --studies: how often new series and SEGs are pulled from the PACS"),
     "enable_dataset_download": (parse_bool, False, "offer GET /datastore/dataset (a zip of every image and label) to annotators"),
     "allow_unauthenticated": (parse_bool, False, "serve on a non-loopback address without MONAI Label's auth (MONAI_LABEL_AUTH_ENABLE)"),
+    "stop_metric": (str, "pixel_ap", "the prequential curve's metric the stopping advice reads: pixel_ap, stack_ap or dice"),
+    "stop_window": (int, 4, "last labeled batches the stopping advice measures the gain per labeled hour over"),
+    "stop_min_gain_per_hour": (float, 0.01, "gain per labeled hour (stop_metric units) below which the advice says plateau"),
     "state_dir": (str, "", "models, time records, check-outs (default: <datastore>/.ichal, or ~/.cache/ichal/pacs-<url hash>)"),
 }
 
@@ -95,6 +101,9 @@ class AppSettings:
     pacs_sync_seconds: float
     enable_dataset_download: bool
     allow_unauthenticated: bool
+    stop_metric: str
+    stop_window: int
+    stop_min_gain_per_hour: float
     state_dir: str
 
     @classmethod
@@ -133,6 +142,14 @@ class AppSettings:
             raise ConfError(f"--conf budget_confidence must be strictly between 0 and 1, got {self.budget_confidence}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfError(f"--conf overlap must be in [0, 1), got {self.overlap}")
+        try:
+            self.stopping_rule.check()
+        except CurveError as error:
+            raise ConfError(f"--conf stop_*: {error}") from error
+
+    @property
+    def stopping_rule(self) -> StoppingRule:
+        return StoppingRule(metric=self.stop_metric, window=self.stop_window, min_gain_per_hour=self.stop_min_gain_per_hour)
 
     # Durable state, one folder per datastore.
     @property

@@ -27,6 +27,7 @@ from ichal.selection import (
 )
 
 from ichal.time_intervals import IntervalError, LogErrorModel, check_confidence, log_error_model, select_within_budget_at_confidence
+from .autolabel import MACHINE_TAG
 from .context import AppContext
 from .errors import client_error
 from .scoring import SCORE_KEY, current_scores, image_features, scoring_in_progress
@@ -287,6 +288,40 @@ class BudgetedStrategy(Strategy):
         infos = datastore.image_infos(ids)
         return np.array([infos[i][SCORE_KEY]["acft"] for i in ids])
 
+
+class ReviewStrategy(Strategy):
+    """`review`: the next machine label (POST /autolabel/) to accept or correct, most committee disagreement
+    first (the current committee's stored score; unscored stacks last). Saving the final label records a
+    review time, not a labeling time (`AppContext.record_saved_label`)."""
+
+    def __init__(self, context: AppContext):
+        super().__init__(REVIEW_DESCRIPTION)
+        self.context = context
+
+    def __call__(self, request: dict, datastore: Any) -> dict:
+        client = str(request.get("client_id") or "anonymous")
+        datastore.reload()
+        machine = datastore.labels_tagged(MACHINE_TAG)
+        held = self.context.checkouts.held_by_others(client)
+        pending = [i for i in datastore.get_unlabeled_images() if i in machine and i not in held]
+        if not pending:
+            return {}
+        scores = current_scores(datastore, pending, self.context.load_model())
+        ordered = sorted(pending, key=lambda i: (-scores[i]["value"] if i in scores else math.inf, i))
+        with self.context.state.transaction():
+            image_id = self.context.checkouts.checkout_first_free(client, ordered)
+            if image_id is None:
+                raise client_error("every machine label left to review was just taken by other annotators: ask again", 409)
+            served = self.context.events.record(client, image_id, "served")
+            value = scores.get(image_id, {}).get("value")
+            self.context.state.record_serve(served.ts, client, image_id, {
+                "strategy": "review", "value": value, "machine_model_version": machine[image_id].get("model_version")})
+        return {"id": image_id, "strategy": "review", "client_id": client, "label_tag": MACHINE_TAG,
+                "value": value, "machine_model_version": machine[image_id].get("model_version"),
+                "to_review": len(pending)}
+
+
+REVIEW_DESCRIPTION = "Review machine labels (POST /autolabel/): accept or correct, most committee disagreement first"
 
 STRATEGY_DESCRIPTIONS = {
     "cost_sensitive": "Most committee disagreement per labeling minute: exact 0/1 knapsack under the budget",

@@ -14,6 +14,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ichal.ensemble import save_ensemble
 from ichal.io import read_nifti
+from ichal.prequential import batch_metrics, trained_hours
 from ichal.train import MODES, TrainItem, TrainSettings, train_ensemble
 
 from .context import AppContext
@@ -85,6 +86,9 @@ class EnsembleTrain(TrainTask):
             image = read_nifti(datastore.get_image_uri(image_id))
             label = read_nifti(datastore.get_label_uri(image_id, "final"))
             items.append(TrainItem(image_id, image.array, label.array, image.spacing_mm))
+        current = self.context.load_model()
+        if current is not None:
+            self._score_new_batch(current, items)
         settings = TrainSettings(
             preset=s.preset, ensemble_size=s.ensemble_size, iterations=iterations, batch_size=s.train_batch_size,
             lookalike_fraction=s.train_lookalike_fraction, hard_negative_fraction=s.train_hard_negative_fraction, seed=s.seed, device=s.device, spacing_mm=s.model_spacing_mm,
@@ -120,6 +124,22 @@ class EnsembleTrain(TrainTask):
             logger.warning(f"training run {run_id[:8]} was superseded by a newer run: its model is discarded")
             return {**result, "state": "SUPERSEDED"}
         return result
+
+    def _score_new_batch(self, model: Any, items: list[TrainItem]) -> None:
+        """One point of the prequential curve (issue 20): the serving committee scored on the labels saved
+        since it was trained, before they are trained on. Reviewed machine labels are left out: the
+        committee drew them itself."""
+        seen = set(model.meta["train_ids"])
+        reviewed = {record["image"] for record in self.context.state.review_times()}
+        batch = [item for item in items if item.id not in seen and item.id not in reviewed]
+        if not batch:
+            return
+        hours, unmeasured = trained_hours(self.context.label_times.read(), seen)
+        metrics = batch_metrics(model, batch, device=self.context.settings.device, overlap=self.context.settings.overlap)
+        self.context.state.save_curve_point(model.meta["version"], hours, len(batch), {
+            "metrics": metrics, "images": [item.id for item in batch], "trained_stacks": len(seen),
+            "unmeasured_stacks": unmeasured})
+        logger.info(f"prequential point: committee {model.meta['version'][:12]} ({hours:.2f} h) on {len(batch)} new stacks: {metrics}")
 
     def _commit(self, candidate: Path, run_id: str, result: dict) -> bool:
         """Rename `candidate` over the served model only if `run_id` is still the newest run; checked and

@@ -1,0 +1,171 @@
+"""The prequential learning curve and when to stop labeling (issue 20; "AL is 90% effective", the elbow).
+
+Each labeled batch, before it is trained on, is a fresh test set for the committee that picked it: its
+metrics on the batch, against the labeled hours that committee was trained on, trace a learning curve
+with no held-out set. `stopping_advice` reads the gain per labeled hour off the curve's last batches
+and calls a plateau only when the whole interval of that gain is below a floor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+# The metrics each batch point carries (`ichal.metrics.DetectionEvaluator.result` keys).
+CURVE_METRICS = ("pixel_ap", "stack_ap", "dice")
+METRIC_NAMES = {"pixel_ap": "pixel AP", "stack_ap": "stack AP", "dice": "Dice"}
+
+
+class CurveError(ValueError):
+    """A curve point or stopping setting out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One batch: the committee `model_version`, trained on `hours` of labeled true (measured) hours,
+    scored on the `stacks` stacks of the batch it picked, before training on them. `metrics`: values in
+    [0, 1] (missing or NaN when undefined on the batch, e.g. stack AP of a batch without a positive)."""
+
+    model_version: str
+    hours: float
+    stacks: int
+    metrics: dict[str, float]
+
+    def value(self, metric: str) -> float:
+        value = self.metrics.get(metric)
+        return float("nan") if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class StoppingRule:
+    """`window`: how many of the last batches the gain is measured over (at least 3: two points fit any
+    line exactly); `min_gain_per_hour`: the gain (metric units per labeled hour) below which more labels
+    buy little; `confidence`: of the gain's two-sided interval."""
+
+    metric: str = "pixel_ap"
+    window: int = 4
+    min_gain_per_hour: float = 0.01
+    confidence: float = 0.9
+
+    def check(self) -> None:
+        if self.metric not in CURVE_METRICS:
+            raise CurveError(f"stopping metric must be one of {CURVE_METRICS}, got {self.metric!r}")
+        if self.window < 3:
+            raise CurveError(f"stopping window must be at least 3 batches, got {self.window}")
+        if not math.isfinite(self.min_gain_per_hour) or self.min_gain_per_hour <= 0:
+            raise CurveError(f"min_gain_per_hour must be a positive number, got {self.min_gain_per_hour}")
+        if not 0 < self.confidence < 1:
+            raise CurveError(f"stopping confidence must be in (0, 1), got {self.confidence}")
+
+
+@dataclass(frozen=True)
+class GainPerHour:
+    """Slope of the metric against labeled hours (weighted least squares, weight = batch stacks) and its
+    t interval; over `batches` batches from `from_hours` to `to_hours`."""
+
+    per_hour: float
+    low: float
+    high: float
+    batches: int
+    from_hours: float
+    to_hours: float
+
+
+@dataclass(frozen=True)
+class StoppingAdvice:
+    """`verdict`: "not_enough_batches", "keep_labeling" or "plateau"; `message`: the plain sentence;
+    `gain`: over the last `rule.window` batches; `plateau_since_hours`: the elbow (the earliest batch
+    from which the curve stays flat), set with a plateau."""
+
+    verdict: str
+    message: str
+    rule: StoppingRule
+    batches: int
+    gain: GainPerHour | None
+    plateau_since_hours: float | None
+    latest_value: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gain_per_hour(hours: Sequence[float], values: Sequence[float], weights: Sequence[float],
+                  confidence: float = 0.9) -> GainPerHour:
+    """Weighted least-squares slope of `values` on `hours` with its `confidence` t interval (n - 2 degrees
+    of freedom). Needs at least 3 points at 2 or more distinct hours."""
+    x, y, w = (np.asarray(a, dtype=np.float64) for a in (hours, values, weights))
+    if len(x) < 3 or np.ptp(x) <= 0:
+        raise CurveError(f"a gain per hour needs 3 batches at different labeled hours, got {len(x)}")
+    w = w / w.mean()
+    x_mean, y_mean = np.average(x, weights=w), np.average(y, weights=w)
+    sxx = float(np.sum(w * (x - x_mean) ** 2))
+    slope = float(np.sum(w * (x - x_mean) * (y - y_mean)) / sxx)
+    residuals = y - (y_mean + slope * (x - x_mean))
+    se = math.sqrt(float(np.sum(w * residuals**2)) / (len(x) - 2) / sxx)
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 2)) * se
+    return GainPerHour(slope, slope - half, slope + half, len(x), float(x.min()), float(x.max()))
+
+
+def _usable(points: Sequence[CurvePoint], metric: str) -> list[CurvePoint]:
+    """The points with a finite `metric`, in order of labeled hours."""
+    for point in points:
+        if not math.isfinite(point.hours) or point.hours < 0 or point.stacks < 1:
+            raise CurveError(f"curve point of model {point.model_version!r} has hours {point.hours} and "
+                             f"{point.stacks} stacks; need hours >= 0 and at least one stack")
+    return sorted((p for p in points if math.isfinite(p.value(metric))), key=lambda p: p.hours)
+
+
+def _is_flat(points: Sequence[CurvePoint], rule: StoppingRule) -> GainPerHour | None:
+    """The gain over `points` when its whole interval lies below the floor; None otherwise (or too few)."""
+    try:
+        gain = gain_per_hour([p.hours for p in points], [p.value(rule.metric) for p in points],
+                             [p.stacks for p in points], rule.confidence)
+    except CurveError:
+        return None
+    return gain if gain.high < rule.min_gain_per_hour else None
+
+
+def plateau_start(points: Sequence[CurvePoint], rule: StoppingRule) -> float | None:
+    """The elbow: the labeled hours of the earliest batch from which the curve to the end is flat (its gain
+    interval wholly below `rule.min_gain_per_hour`); None when the last `rule.window` batches are not flat."""
+    usable = _usable(points, rule.metric)
+    if len(usable) < rule.window or _is_flat(usable[-rule.window:], rule) is None:
+        return None
+    start = len(usable) - rule.window
+    while start > 0 and _is_flat(usable[start - 1:], rule) is not None:
+        start -= 1
+    return usable[start].hours
+
+
+def stopping_advice(points: Sequence[CurvePoint], rule: StoppingRule = StoppingRule()) -> StoppingAdvice:
+    """Keep labeling or stop, from the prequential curve `points` (any order).
+
+    Plateau: the gain per labeled hour over the last `rule.window` batches is below `rule.min_gain_per_hour`
+    with the rule's confidence (its interval's upper end is below the floor). A noisy curve keeps its
+    interval wide and so keeps labeling: the rule stops only when the data say the gain is small.
+    """
+    rule.check()
+    usable = _usable(points, rule.metric)
+    name = METRIC_NAMES[rule.metric]
+    latest = usable[-1].value(rule.metric) if usable else None
+    if len(usable) < rule.window or np.ptp([p.hours for p in usable[-rule.window:]]) <= 0:
+        return StoppingAdvice("not_enough_batches",
+                              f"not enough batches yet: {len(usable)} with a {name}, the advice needs {rule.window}",
+                              rule, len(usable), None, None, latest)
+    recent = usable[-rule.window:]
+    gain = gain_per_hour([p.hours for p in recent], [p.value(rule.metric) for p in recent],
+                         [p.stacks for p in recent], rule.confidence)
+    interval = f"{rule.confidence:.0%} interval {gain.low:+.3f} to {gain.high:+.3f}"
+    since = plateau_start(usable, rule)
+    if since is not None:
+        return StoppingAdvice("plateau", f"plateau since {since:.1f} h: further labels buy little "
+                                         f"({gain.per_hour:+.3f} {name} per hour, {interval})",
+                              rule, len(usable), gain, since, latest)
+    return StoppingAdvice("keep_labeling", f"keep labeling: {gain.per_hour:+.3f} {name} per hour ({interval}, "
+                                           f"stop below {rule.min_gain_per_hour:.3f})",
+                          rule, len(usable), gain, None, latest)
+
