@@ -40,6 +40,8 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "pacs_sync_seconds": (float, 30.0, "with a DICOMweb --studies: how often new series and SEGs are pulled from the PACS"),
     "enable_dataset_download": (parse_bool, False, "offer GET /datastore/dataset (a zip of every image and label) to annotators"),
     "allow_unauthenticated": (parse_bool, False, "serve on a non-loopback address without MONAI Label's auth (MONAI_LABEL_AUTH_ENABLE)"),
+    "engine": (str, "local", "local (this machine) or ray (scoring and training on a Ray cluster, docs/scale.md; needs the [cluster] extra)"),
+    "ray_address": (str, "", "with engine ray: the cluster to join (host:port of `ray start --head`); empty: a Ray instance on this machine"),
     "state_dir": (str, "", "models, time records, check-outs (default: <datastore>/.ichal, or ~/.cache/ichal/pacs-<url hash>)"),
 }
 
@@ -95,6 +97,8 @@ class AppSettings:
     pacs_sync_seconds: float
     enable_dataset_download: bool
     allow_unauthenticated: bool
+    engine: str
+    ray_address: str
     state_dir: str
 
     @classmethod
@@ -133,6 +137,18 @@ class AppSettings:
             raise ConfError(f"--conf budget_confidence must be strictly between 0 and 1, got {self.budget_confidence}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfError(f"--conf overlap must be in [0, 1), got {self.overlap}")
+        if self.engine not in ("local", "ray"):
+            raise ConfError(f"--conf engine must be local or ray, got {self.engine!r}")
+        if self.engine == "ray":
+            # Imported only when asked for: the default engine never loads Ray.
+            from ichal.cluster import ClusterError, check_address, require_ray
+
+            try:
+                require_ray()
+                if self.ray_address:
+                    check_address(self.ray_address)
+            except ClusterError as error:
+                raise ConfError(f"--conf engine ray: {error}") from error
 
     # Durable state, one folder per datastore.
     @property
