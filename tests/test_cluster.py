@@ -218,3 +218,38 @@ def test_engine_ray_without_ray_installed_names_the_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, check=True).stdout
     assert "engine ray" in out and "[cluster]" in out
+
+
+def test_the_server_trains_and_scores_on_ray_as_it_does_locally(cluster, tmp_path):
+    """`--conf engine ray`: the app's train task trains the committee on the Ray instance (members in
+    parallel, seeds as a local run's) and its scoring task stores, for every unlabeled stack, what the local
+    engine stores with that model."""
+    from ichal.phantom import write_pool
+
+    sys.path.insert(0, str(ROOT / "apps" / "hemorrhage"))
+    from lib.context import AppContext
+    from lib.datastore import HemorrhageDatastore
+    from lib.scoring import SCORE_KEY, CommitteeScoring
+    from lib.settings import AppSettings
+    from lib.trainers import EnsembleTrain
+
+    write_pool(tmp_path / "ray", count=5, size=32, seed=2, labeled_count=3, progress=False)
+    shutil.copytree(tmp_path / "ray", tmp_path / "local")
+    conf = {"ensemble_size": "2", "train_iterations": "4", "train_batch_size": "4", "model_spacing_mm": "3.6"}
+    scores = {}
+    for engine in ("ray", "local"):
+        settings = AppSettings.from_conf(conf | {"engine": engine}, str(tmp_path / engine))
+        context = AppContext(settings)
+        datastore = HemorrhageDatastore(str(tmp_path / engine), extensions=("*.nii.gz",), auto_reload=False)
+        if engine == "ray":
+            assert EnsembleTrain(context)({}, datastore)["state"] == "DONE"
+            trained = load_ensemble(settings.model_path)
+        else:
+            settings.model_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / "ray" / ".ichal" / "models" / "ensemble.pt", settings.model_path)
+        unlabeled = datastore.get_unlabeled_images()
+        assert CommitteeScoring(context)({}, datastore)["scored"] == len(unlabeled) == 2
+        scores[engine] = {i: info[SCORE_KEY] for i, info in datastore.image_infos(unlabeled).items()}
+    assert [m["seed"] for m in trained.meta["metrics"]["members"]] == [0, 1]
+    assert trained.meta["train_ids"] == sorted(datastore.get_labeled_images())
+    _assert_same_scores(scores["ray"], scores["local"])
