@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
+from ichal.committee_scores import committee_scores
 from ichal.cost import LabelTimeModel
-from ichal.ensemble import EnsembleModel, merge_ensembles, weights_digest
+from ichal.ensemble import EnsembleModel, load_ensemble, merge_ensembles, weights_digest
 from ichal.train import DataParallel, TrainItem, TrainSettings, train_ensemble
 
 ENGINES = ("local", "ray")
@@ -85,7 +87,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, temp_dir
         check_address(address)
         try:
             ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as error:
+        except Exception as error:  # ray.init raises many types: connection, authentication token, version mismatch
             raise ClusterError(f"cannot join the Ray cluster at {address}: {error}") from error
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
@@ -107,14 +109,10 @@ class ScoringWorker:
     """A Ray actor: loads the committee once, then scores stacks by path with `committee_scores`."""
 
     def __init__(self, model_path: str, time_model: LabelTimeModel, device: str, overlap: float) -> None:
-        from ichal.ensemble import load_ensemble
-
         self.model = load_ensemble(model_path, device=device)
         self.time_model, self.device, self.overlap = time_model, device, overlap
 
     def score(self, image_id: str, image_path: str) -> tuple[str, dict]:
-        from ichal.committee_scores import committee_scores
-
         return image_id, committee_scores(self.model, image_path, self.time_model, device=self.device,
                                           overlap=self.overlap)
 
@@ -144,11 +142,11 @@ def score_on_ray(image_paths: Mapping[str, str], workers: Sequence) -> Iterator[
     order they finish, so the caller stores each at once. Each worker holds at most
     `STACKS_IN_FLIGHT_PER_WORKER` stacks; when one dies, Ray restarts it and reruns those stacks only."""
     ray = require_ray()
-    queue = list(image_paths.items())
+    queue = deque(image_paths.items())
     running: dict = {}  # object ref -> worker holding it
 
     def submit(worker) -> None:
-        image_id, path = queue.pop(0)
+        image_id, path = queue.popleft()
         running[worker.score.remote(image_id, path)] = worker
 
     for worker in workers:
