@@ -32,6 +32,7 @@ from ichal.train import software_versions
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE_STACKS = 20_000
 PROJECTED_WORKERS = (1, 2, 4, 8, 16, 32, 64)
+ROUND_TRIPS = 200
 
 
 def _committee(path: Path, preset: str, members: int, spacing_mm: float) -> None:
@@ -94,6 +95,12 @@ def main() -> None:
             workers = start_scoring_workers(model_path, time_model, workers=count)
             ray.get([worker.pid.remote() for worker in workers])  # each has loaded the committee
             worker_start = time.perf_counter() - started
+            if count == 1:
+                # Ray's own cost of a call: a round trip to the worker that computes nothing.
+                started = time.perf_counter()
+                for _ in range(ROUND_TRIPS):
+                    ray.get(workers[0].pid.remote())
+                round_trip = (time.perf_counter() - started) / ROUND_TRIPS
             started = time.perf_counter()
             scored = sum(1 for _ in score_on_ray(paths, workers))
             assert scored == len(paths)
@@ -116,24 +123,28 @@ def main() -> None:
     local_all = by_key[("local", 1, cores)]
     efficiency = ray_one / (2 * ray_two)
     print(f"\nRay overhead per stack (1 worker vs this process, both one thread): {ray_one - local_one:+.2f} s "
-          f"({(ray_one - local_one) / local_one:+.0%})")
+          f"({(ray_one - local_one) / local_one:+.0%}); a round trip to a worker that computes nothing: "
+          f"{round_trip * 1000:.1f} ms (mean of {ROUND_TRIPS})")
     print(f"2 Ray workers vs 1: x{ray_one / ray_two:.2f} (efficiency {efficiency:.0%}); "
           f"vs local with {cores} threads: x{local_all / ray_two:.2f}")
     print(f"load average at end {os.getloadavg()[0]:.2f}, {os.getloadavg()[1]:.2f}, {os.getloadavg()[2]:.2f}")
-    print(f"\nPROJECTION (not measured): hours to re-score {ARCHIVE_STACKS:,} stacks = {ARCHIVE_STACKS:,} x s per "
-          f"stack / (N x {efficiency:.0%} efficiency of 2 workers here), workers' start excluded")
-    header = "| N workers | one-core CPU workers like this machine's (s/stack %.2f) |" % ray_one
+    print(f"\nPROJECTION (not measured): hours to re-score {ARCHIVE_STACKS:,} stacks = {ARCHIVE_STACKS:,} x one "
+          "worker's s per stack / N workers, assuming linear scaling (each worker its own device and the stacks "
+          "independent; the 2-worker efficiency above is what this machine gave), workers' start excluded")
+    overhead = max(0.0, ray_one - local_one)
+    header = f"| N workers | one-core CPU workers like this machine's ({ray_one:.2f} s/stack) |"
     if args.gpu_seconds_per_stack:
-        header += f" GPU workers at {args.gpu_seconds_per_stack:.2f} s/stack + {ray_one - local_one:.2f} s Ray overhead |"
+        header += f" GPU workers ({args.gpu_seconds_per_stack:.2f} s/stack + {overhead:.2f} s Ray overhead) |"
     print(header)
     print("|---:|---:|" + ("---:|" if args.gpu_seconds_per_stack else ""))
     for workers in PROJECTED_WORKERS:
-        line = f"| {workers} | {ARCHIVE_STACKS * ray_one / (workers * efficiency) / 3600:.1f} |"
+        line = f"| {workers} | {ARCHIVE_STACKS * ray_one / workers / 3600:.1f} |"
         if args.gpu_seconds_per_stack:
-            per_stack = args.gpu_seconds_per_stack + max(0.0, ray_one - local_one)
-            line += f" {ARCHIVE_STACKS * per_stack / (workers * efficiency) / 3600:.2f} |"
+            line += f" {ARCHIVE_STACKS * (args.gpu_seconds_per_stack + overhead) / workers / 3600:.2f} |"
         print(line)
-
+    if not args.gpu_seconds_per_stack:
+        print("GPU workers: measure one GPU's s per stack (benchmarks/inference.py --device cuda) and pass "
+              "--gpu-seconds-per-stack; this machine has no GPU")
 
 if __name__ == "__main__":
     main()

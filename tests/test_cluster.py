@@ -132,7 +132,9 @@ def test_members_trained_in_parallel_equal_a_local_committee(cluster, tmp_path):
 
 def test_a_two_process_ddp_step_on_cpu_gives_a_loadable_checkpoint(cluster, tmp_path):
     items = [_stack(i, bleed=i % 2 == 0) for i in range(4)]
-    settings = TrainSettings(preset=TINY, ensemble_size=1, iterations=3, batch_size=4, seed=5)
+    # With hard-negative mining midway: the member predicts stacks while wrapped in DDP.
+    settings = TrainSettings(preset=TINY, ensemble_size=1, iterations=4, batch_size=4, seed=5,
+                             hard_negative_fraction=0.5)
     model = train_on_ray(items, settings, layout=TrainLayout(groups=1, processes=2, device="cpu"))
     save_ensemble(model, tmp_path / "ddp.pt")
     loaded = load_ensemble(tmp_path / "ddp.pt")
