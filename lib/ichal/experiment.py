@@ -613,8 +613,8 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
     several workers, when the task holding the cell is done). `workers` > 1 runs the seeds' shared cells
     and then each (seed, method)'s rounds in that many processes of `threads` torch threads each; the
     records equal a one-process run's. Engine `ray` runs the same tasks on the Ray cluster this process
-    has joined (`ichal.cluster.connect`), as many at once as it has cores. After each seed the CSV, plot and table are rewritten, so an
-    interrupted run still leaves a report of what finished.
+    has joined (`ichal.cluster.connect`), as many at once as it has cores. After each seed the CSV, plot
+    and table are rewritten, so an interrupted run still leaves a report of what finished.
     """
     from ichal.experiment_plots import write_report
 
