@@ -15,7 +15,7 @@ if [ ! -f "$venv/.complete" ]; then
     rm -rf "$venv"
     python3.11 -m venv "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip >&2
-    "$venv/bin/pip" install --quiet -e "$root[test]" >&2
+    "$venv/bin/pip" install --quiet -e "$root[test,cluster]" >&2
     touch "$venv/.complete"
 fi
 # An editable install points at one clone; re-point it when run from another (e.g. CI's fresh clone).

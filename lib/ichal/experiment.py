@@ -10,7 +10,8 @@ seed set, then rounds of 5% of the pool's true labeling time, each seed with its
 
 Every (method, seed, round) cell is persisted as JSON (after its checkpoint) under
 OUT/<protocol>/seed<s>/; a rerun with --resume skips finished cells. With --workers N the seeds' shared
-cells and then each (seed, method)'s rounds run in N processes. Results: OUT/<protocol>_results.csv,
+cells and then each (seed, method)'s rounds run in N processes; with --engine ray [--address HOST:PORT] they
+run as Ray tasks on a cluster (docs/scale.md). Results: OUT/<protocol>_results.csv,
 OUT/<protocol>_ap.png and OUT/<protocol>_table.md (see `ichal.experiment_plots`; for `hours` also
 `ichal.experiment_hours`).
 """
@@ -568,13 +569,21 @@ def _run_task(task: _Task) -> list[dict]:
     return run.finished[before:]
 
 
-def _run_in_workers(tasks: Sequence[_Task], workers: int, threads: int, on_done: Callable[[_Task, list[dict]], None]
-                    ) -> None:
+def _run_in_workers(tasks: Sequence[_Task], workers: int, threads: int, on_done: Callable[[_Task, list[dict]], None],
+                    engine: str = "local") -> None:
     """Run every seed's shared task, then its method tasks as soon as it is done, in `workers` processes
-    (spawned: a forked torch may hang). `on_done(task, records)` runs here as each task finishes. On an
-    error the queued tasks are cancelled; running ones finish their current cell and stop."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+    (spawned: a forked torch may hang), or with engine `ray` as Ray tasks over the cluster's cores (a task
+    whose worker dies is rerun and skips the cells it had finished). `on_done(task, records)` runs here as
+    each task finishes. On an error the queued tasks are cancelled; running ones finish their current cell
+    and stop."""
+    if engine == "ray":
+        from ichal.cluster import RayTaskPool
+
+        pool_context = RayTaskPool(threads)
+    else:
+        pool_context = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_init_worker, initargs=(threads,))
+    with pool_context as pool:
         pending: dict[Future, _Task] = {pool.submit(_run_task, t): t for t in tasks if t.method is None}
         try:
             while pending:
@@ -594,7 +603,7 @@ def _run_in_workers(tasks: Sequence[_Task], workers: int, threads: int, on_done:
 def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds: Sequence[int], *,
                  resume: bool = False, methods: Sequence[str] | None = None, data: Data | None = None,
                  progress: bool = True, on_record: Callable[[dict], None] | None = None, workers: int = 1,
-                 threads: int = 1) -> list[dict]:
+                 threads: int = 1, engine: str = "local") -> list[dict]:
     """Run `protocol` ("coreset", "cost" or "hours") for every seed; returns all records (see `load_records`).
 
     Core-set and cost: seeds share the pool and test set (generated from `config.data_seed`, or `data`)
@@ -603,8 +612,9 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
     `on_record(record)` is called after each newly finished cell (tests interrupt a run there; with
     several workers, when the task holding the cell is done). `workers` > 1 runs the seeds' shared cells
     and then each (seed, method)'s rounds in that many processes of `threads` torch threads each; the
-    records equal a one-process run's. After each seed the CSV, plot and table are rewritten, so an
-    interrupted run still leaves a report of what finished.
+    records equal a one-process run's. Engine `ray` runs the same tasks on the Ray cluster this process
+    has joined (`ichal.cluster.connect`), as many at once as it has cores. After each seed the CSV, plot
+    and table are rewritten, so an interrupted run still leaves a report of what finished.
     """
     from ichal.experiment_plots import write_report
 
@@ -619,7 +629,10 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
         raise ExperimentError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
     if workers < 1:
         raise ExperimentError(f"workers must be at least 1, got {workers}")
-    if data is not None and (protocol == "hours" or workers > 1):
+    if engine not in ("local", "ray"):
+        raise ExperimentError(f"engine must be local or ray, got {engine!r}")
+    parallel = workers > 1 or engine == "ray"
+    if data is not None and (protocol == "hours" or parallel):
         raise ExperimentError("data can be passed only to a one-worker core-set or cost run; per-hour seeds "
                               "generate their own pools, workers their own copy")
     out = Path(out)
@@ -639,7 +652,7 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
             if on_record is not None:
                 on_record(record)
 
-        if workers == 1:
+        if not parallel:
             for seed in seeds:
                 seed_data = _seed_data(protocol, config, out, seed, progress) if protocol == "hours" else shared_data
                 run = _Run(protocol, config, seed_data, out, progress, count)
@@ -658,7 +671,7 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
                 if not left[task.seed]:
                     write_report(protocol, out, load_records(out, protocol))
 
-            _run_in_workers(tasks, workers, threads, done)
+            _run_in_workers(tasks, workers, threads, done, engine)
     return load_records(out, protocol)
 
 
@@ -698,6 +711,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per worker)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes running seeds' shared cells and (seed, method) round chains in parallel")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="ray: run the cells as Ray tasks on the cluster at --address (docs/scale.md)")
+    parser.add_argument("--address", help="with --engine ray: the cluster (host:port, auto); default: a Ray "
+                                          "instance on this machine")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report_only:
@@ -716,8 +733,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seed_fraction is not None:
             field = f"{args.protocol}_seed_fraction"
             config = dataclasses.replace(config, **{field: args.seed_fraction})
+        if args.engine == "ray":
+            from ichal.cluster import ClusterError, connect
+
+            try:
+                connect(args.address)
+            except ClusterError as error:
+                parser.error(str(error))
         run_protocol(args.protocol, config, args.out, args.seeds, resume=args.resume, methods=args.methods,
-                     workers=args.workers, threads=args.threads)
+                     workers=args.workers, threads=args.threads, engine=args.engine)
     except ExperimentError as error:
         parser.error(str(error))
     print(f"wrote {args.out / f'{args.protocol}_results.csv'}, {args.protocol}_ap.png, {args.protocol}_table.md")

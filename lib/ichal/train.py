@@ -139,6 +139,17 @@ class TrainSettings:
             raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's part in training each member with several processes (torch DistributedDataParallel,
+    set up by `ichal.cluster`): `wrap` turns a member into its DDP module, and `rank` gives this process its
+    own patch draws, so each step averages the gradients of `world_size` different batches."""
+
+    rank: int
+    world_size: int
+    wrap: Callable[[nn.Module], nn.Module]
+
+
 @dataclass
 class _Stack:
     """A training stack resampled to the model spacing: HU (Z, H, W) int16, label (Z, H, W) uint8."""
@@ -299,9 +310,10 @@ def _loss_function(name: str) -> nn.Module:
 
 def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSettings, *, iterations: int,
                   lr: float, seed: int, member_index: int, patch_px: int, windows: Sequence[HUWindow],
-                  progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> dict:
+                  progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None,
+                  data_parallel: DataParallel | None = None) -> dict:
     """Optimise one member in place with AdamW and a cosine learning-rate schedule; returns its metrics."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if data_parallel is None else (seed, data_parallel.rank))
     torch.manual_seed(seed)
     positive_ids = [i for i, stack in enumerate(stacks) if stack.positives.size]
     lookalike_ids = [i for i, stack in enumerate(stacks) if stack.lookalikes.size]
@@ -309,6 +321,9 @@ def _train_member(member: nn.Module, stacks: Sequence[_Stack], settings: TrainSe
     mining_iteration = (max(1, round(settings.hard_negative_start * iterations))
                         if settings.hard_negative_fraction > 0 else None)
     member.to(settings.device).train()
+    if data_parallel is not None:
+        # The DDP module shares the member's parameters: training it trains `member`.
+        member = data_parallel.wrap(member)
     optimizer = torch.optim.AdamW(member.parameters(), lr=lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
     loss_function = _loss_function(settings.loss)
@@ -381,6 +396,7 @@ def train_ensemble(
     previous: EnsembleModel | None = None,
     progress: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> EnsembleModel:
     """Train a PatchFCN ensemble on labeled stacks.
 
@@ -390,7 +406,8 @@ def train_ensemble(
     member with an empty H u Q is kept as is. Model geometry (preset, channels, spacing, patch)
     comes from `previous`. `progress` gets {"member", "iteration", "iterations", "loss", "lr"} per
     step (and {"member", "hard", "new"} in continual mode before each member); `should_stop()`
-    returning True raises `TrainingCancelled` and leaves `previous` untouched.
+    returning True raises `TrainingCancelled` and leaves `previous` untouched. `data_parallel`: this
+    process is one of `world_size` training every member together (each draws `batch_size` patches a step).
     """
     settings.validate()
     if mode not in MODES:
@@ -415,7 +432,7 @@ def train_ensemble(
             member_metrics.append(_train_member(
                 member, stacks, settings, iterations=settings.iterations, lr=settings.lr,
                 seed=_member_seed(settings, index), member_index=index, patch_px=patch_px, windows=windows,
-                progress=progress, should_stop=should_stop))
+                progress=progress, should_stop=should_stop, data_parallel=data_parallel))
             members.append(member)
         train_ids = sorted(stack.id for stack in stacks)
     else:
@@ -434,11 +451,13 @@ def train_ensemble(
                     member, subset, settings, iterations=settings.continual_iterations or settings.iterations,
                     lr=settings.lr * settings.continual_lr_factor, seed=_member_seed(settings, index),
                     member_index=index, patch_px=patch_px, windows=windows, progress=progress,
-                    should_stop=should_stop)
+                    should_stop=should_stop, data_parallel=data_parallel)
             member_metrics.append(metrics)
             members.append(member.cpu().eval())
         train_ids = sorted(seen | {stack.id for stack in stacks})
     training = {k: v for k, v in asdict(settings).items() if k != "config"}
+    if data_parallel is not None:
+        training["data_parallel_processes"] = data_parallel.world_size
     meta = {
         "preset": preset.to_dict(),
         "channels": windows_to_meta(windows),

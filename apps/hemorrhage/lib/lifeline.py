@@ -81,6 +81,12 @@ def die_with_server(poll_seconds: float = 1.0) -> bool:
             time.sleep(poll_seconds)
             if os.getppid() != server_pid:
                 logger.warning("server process is gone: stopping this subprocess")
+                # Its own children too: a Ray instance it started (engine ray) leaves agents behind otherwise.
+                for child in psutil.Process().children(recursive=True):
+                    try:
+                        child.kill()
+                    except psutil.NoSuchProcess:
+                        continue
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="ichal-lifeline", daemon=True).start()

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.async_tasks.utils import tasks as async_tasks
 from tqdm import tqdm
 
-from ichal.config import DEFAULT_CONFIG
-from ichal.cost import mask_features
-from ichal.ensemble import predict_stack
+from ichal.committee_scores import committee_scores
 from ichal.io import read_nifti
 from ichal.selection import cheap_image_features
-from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
 
 from .context import AppContext
 
@@ -33,21 +31,8 @@ FEATURE_KEY = "ichal_image_features"
 
 def score_stack(model: Any, image_path: str, context: AppContext) -> dict:
     """Committee value, cost features and predicted seconds of one stack (no datastore access)."""
-    volume = read_nifti(image_path)
-    prediction = predict_stack(
-        model, volume.array, volume.spacing_mm, device=context.settings.device, overlap=context.settings.overlap
-    )
-    patch_px = max(1, int(round(model.patch_px * model.spacing_mm / volume.spacing_mm[1])))
-    features = mask_features(prediction.mean_prob, volume.spacing_mm, DEFAULT_CONFIG.feature_thresholds)
-    return {
-        "value": stack_uncertainty(patch_scores(prediction.js, patch_px), k=DEFAULT_CONFIG.top_k_patches),
-        "boundary_mm": features.boundary_mm,
-        "n_components": features.n_components,
-        "predicted_seconds": float(context.time_model().predict([features])[0]),
-        "acft": acft_scores(prediction.mean_prob, patch_px).total,
-        "model_version": model.meta["version"],
-        "scored_at": time.time(),
-    }
+    return committee_scores(model, image_path, context.time_model(), device=context.settings.device,
+                            overlap=context.settings.overlap)
 
 
 def current_scores(datastore: Any, ids: list[str], model: Any) -> dict[str, dict]:
@@ -114,7 +99,21 @@ class CommitteeScoring(ScoringMethod):
         todo = [i for i in unlabeled if i not in current_scores(datastore, unlabeled, model)]
         logger.info(f"committee scoring: {len(todo)} of {len(unlabeled)} unlabeled stacks need model {model.meta['version'][:12]}")
         started = time.time()
-        for image_id in tqdm(todo, desc="committee scoring", unit="stack"):
-            scores = score_stack(model, datastore.get_image_uri(image_id), self.context)
+        paths = {image_id: datastore.get_image_uri(image_id) for image_id in todo}
+        for image_id, scores in tqdm(self._scores(model, paths), total=len(todo), desc="committee scoring", unit="stack"):
             datastore.update_image_info(image_id, {SCORE_KEY: scores})
         return {"scored": len(todo), "skipped": len(unlabeled) - len(todo), "seconds": round(time.time() - started, 2)}
+
+    def _scores(self, model: Any, paths: dict[str, str]) -> Iterator[tuple[str, dict]]:
+        """(image id, scores) as each stack is scored: here, or with `--conf engine ray` by the Ray cluster's
+        workers (each loads the saved committee once)."""
+        settings = self.context.settings
+        if settings.engine == "ray":
+            from ichal.cluster import connect, score_on_ray, start_scoring_workers
+
+            connect(settings.ray_address or None)
+            workers = start_scoring_workers(settings.model_path, self.context.time_model(), overlap=settings.overlap)
+            yield from score_on_ray(paths, workers)
+            return
+        for image_id, path in paths.items():
+            yield image_id, score_stack(model, path, self.context)

@@ -46,6 +46,8 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "stop_metric": (str, "pixel_ap", "the prequential curve's metric the stopping advice reads: pixel_ap, stack_ap or dice"),
     "stop_window": (int, 4, "last labeled batches the stopping advice measures the gain per labeled hour over"),
     "stop_min_gain_per_hour": (float, 0.01, "gain per labeled hour (stop_metric units) below which the advice says plateau"),
+    "engine": (str, "local", "local (this machine) or ray (scoring and training on a Ray cluster, docs/scale.md; needs the [cluster] extra)"),
+    "ray_address": (str, "", "with engine ray: the cluster to join (host:port of `ray start --head`); empty: a Ray instance on this machine"),
     "state_dir": (str, "", "models, time records, check-outs (default: <datastore>/.ichal, or ~/.cache/ichal/pacs-<url hash>)"),
 }
 
@@ -104,6 +106,8 @@ class AppSettings:
     stop_metric: str
     stop_window: int
     stop_min_gain_per_hour: float
+    engine: str
+    ray_address: str
     state_dir: str
 
     @classmethod
@@ -146,6 +150,18 @@ class AppSettings:
             self.stopping_rule.check()
         except CurveError as error:
             raise ConfError(f"--conf stop_*: {error}") from error
+        if self.engine not in ("local", "ray"):
+            raise ConfError(f"--conf engine must be local or ray, got {self.engine!r}")
+        if self.engine == "ray":
+            # Imported only when asked for: the default engine never loads Ray.
+            from ichal.cluster import ClusterError, check_address, require_ray
+
+            try:
+                require_ray()
+                if self.ray_address:
+                    check_address(self.ray_address)
+            except ClusterError as error:
+                raise ConfError(f"--conf engine ray: {error}") from error
 
     @property
     def stopping_rule(self) -> StoppingRule:

@@ -112,7 +112,14 @@ class EnsembleTrain(TrainTask):
 
         candidate = s.model_path.with_name(f"{s.model_path.name}.{run_id}.candidate")
         try:
-            model = train_ensemble(items, settings, mode=mode, previous=previous, progress=progress)
+            if s.engine == "ray":
+                # Members in parallel, each by DDP over a node's devices (docs/scale.md); no per-step progress.
+                from ichal.cluster import connect, train_on_ray
+
+                connect(s.ray_address or None)
+                model = train_on_ray(items, settings, mode=mode, previous=previous)
+            else:
+                model = train_ensemble(items, settings, mode=mode, previous=previous, progress=progress)
             save_ensemble(model, candidate)
         except BaseException as error:
             candidate.unlink(missing_ok=True)
