@@ -3,7 +3,6 @@ write-back, labeled status derived from the PACS across restarts, and a PACS tha
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
