@@ -189,7 +189,7 @@ def test_training_with_hard_negatives_mines_midway_and_reports_it():
     metrics = model.meta["metrics"]["members"][0]
     assert {"hard_negative_stacks", "hard_negative_voxels"} <= metrics.keys()
     assert model.meta["metrics"]["settings"]["hard_negative_fraction"] == 0.5
-    plain = train_ensemble(items, _settings(ensemble_size=1))
+    plain = train_ensemble(items, _settings(ensemble_size=1, hard_negative_fraction=0.0))
     assert plain.meta["metrics"]["members"][0]["hard_negative_stacks"] == 0
     with pytest.raises(ValueError, match="hard_negative_fraction must be in"):
         train_ensemble(items, _settings(hard_negative_fraction=-0.1))

@@ -29,7 +29,7 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "train_iterations": (int, 300, "optimizer steps per member per training run"),
     "train_batch_size": (int, 16, "patches per optimizer step"),
     "train_lookalike_fraction": (float, 0.5, "share of negative training patches centred on blood-density look-alikes (dense sinuses, arteries, calcifications)"),
-    "train_hard_negative_fraction": (float, 0.0, "share of negative training patches centred on the member's own false positives, mined halfway through its training"),
+    "train_hard_negative_fraction": (float, 0.5, "share of negative training patches centred on the member's own false positives, mined halfway through its training"),
     "train_mode": (str, "retrain", "default training mode: retrain (from scratch) or continual (fine-tune)"),
     "device": (str, "cpu", "torch device for inference, scoring and training (cpu, cuda, cuda:1)"),
     "budget_minutes": (float, 60.0, "default labeling budget of a worklist when a request gives none"),
