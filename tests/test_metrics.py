@@ -16,6 +16,7 @@ from ichal.metrics import (
     region_ap,
     region_hits,
     region_scores,
+    STACK_SCORE,
     STACK_SCORE_CANDIDATES,
     stack_ap,
     stack_score_candidates,
@@ -86,6 +87,7 @@ def test_frame_and_stack_ap_match_sklearn():
     frame_truth = np.concatenate([l.any(axis=(1, 2)) for l in labels])
     assert frame_ap(probs, labels) == pytest.approx(average_precision_score(frame_truth, frames))
     stacks = [stack_score(p, SPACING_MM) for p in probs]
+    assert stacks == [stack_score_candidates(p, SPACING_MM)[STACK_SCORE] for p in probs]
     top = round(0.1 / (5 * 1.8 * 1.8 / 1000))  # the highest voxels that fill 0.1 mL
     assert stacks[0] == pytest.approx(float(np.sort(probs[0].ravel())[-top:].mean()))
     assert stack_ap(probs, labels, [SPACING_MM] * 6) == pytest.approx(

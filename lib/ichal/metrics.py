@@ -85,12 +85,9 @@ def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
     if not voxel_ml > 0:
         raise ValueError(f"spacing must be positive, got {tuple(spacing_mm)}")
     prob = np.asarray(mean_prob)
-    flat = prob.ravel()
-    max_voxel = float(flat.max())
-    top = max(1, min(flat.size, round(floor_ml / voxel_ml)))
+    max_voxel = float(prob.max())
     components, count = ndimage.label(prob >= threshold, structure=CONNECTIVITY_3D)
-    top_mean = float(np.partition(flat, flat.size - top)[-top:].astype(np.float64).mean())
-    scores = {"max_voxel": max_voxel, "top_volume_mean": top_mean}
+    scores = {"max_voxel": max_voxel, "top_volume_mean": top_volume_mean(prob, spacing_mm, floor_ml)}
     if not count:
         return scores | {"largest_region_mean": threshold * max_voxel, "largest_region_ml": max_voxel * voxel_ml,
                          "detected_ml": max_voxel * voxel_ml}
@@ -103,11 +100,20 @@ def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
                      "detected_ml": float(soft_ml.sum())}
 
 
-def stack_score(mean_prob: np.ndarray, spacing_mm: Sequence[float],
-                threshold: float = DEFAULT_CONFIG.detection_threshold) -> float:
-    """The stack score `STACK_SCORE` of one (Z, Y, X) probability map, in [0, 1]; `threshold` or more calls the
-    stack positive."""
-    return stack_score_candidates(mean_prob, spacing_mm, threshold)[STACK_SCORE]
+def top_volume_mean(mean_prob: np.ndarray, spacing_mm: Sequence[float], floor_ml: float = STACK_SCORE_FLOOR_ML) -> float:
+    """Mean probability of the highest voxels of a (Z, Y, X) map that fill `floor_ml` (at least one voxel)."""
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    if not voxel_ml > 0:
+        raise ValueError(f"spacing must be positive, got {tuple(spacing_mm)}")
+    flat = np.asarray(mean_prob).ravel()
+    top = max(1, min(flat.size, round(floor_ml / voxel_ml)))
+    return float(np.partition(flat, flat.size - top)[-top:].astype(np.float64).mean())
+
+
+def stack_score(mean_prob: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """The stack score `STACK_SCORE` (`top_volume_mean`) of one (Z, Y, X) probability map, in [0, 1]; the
+    detection threshold or more calls the stack positive. Only a partial sort: no connected components."""
+    return top_volume_mean(mean_prob, spacing_mm)
 
 
 def region_hits(mean_prob: np.ndarray, label: np.ndarray, threshold: float = DEFAULT_CONFIG.detection_threshold

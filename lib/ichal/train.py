@@ -378,7 +378,7 @@ def _member_gets_wrong(member: nn.Module, stack: _Stack, settings: TrainSettings
     probs = predict_member_slices(member, channels, patch_px, device=settings.device).numpy()
     threshold = settings.config.detection_threshold
     has_bleed = bool(stack.positives.size)
-    if (stack_score(probs, stack.spacing_mm, threshold) >= threshold) != has_bleed:
+    if (stack_score(probs, stack.spacing_mm) >= threshold) != has_bleed:
         return True
     predicted = probs >= threshold
     return has_bleed and dice(predicted, stack.label) < settings.hard_dice_threshold
