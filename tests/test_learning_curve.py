@@ -60,6 +60,7 @@ def test_noisy_flat_curve_keeps_labeling_until_the_interval_is_narrow():
     advice = stopping_advice(curve(hours, values))
     assert advice.verdict == "keep_labeling"  # too noisy to say the gain is small
     assert advice.gain.low < 0 < advice.gain.high
+    assert advice.message.startswith("keep labeling: no clear gain yet, ")
     # Many more batches on the same flat curve narrow the interval (with a wider window) until it stops.
     hours = np.arange(1.0, 41.0)
     values = 0.5 + rng.normal(0, 0.08, len(hours))

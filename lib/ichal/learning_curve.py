@@ -165,7 +165,9 @@ def stopping_advice(points: Sequence[CurvePoint], rule: StoppingRule = StoppingR
         return StoppingAdvice("plateau", f"plateau since {since:.1f} h: further labels buy little "
                                          f"({gain.per_hour:+.3f} {name} per hour, {interval})",
                               rule, len(usable), gain, since, latest)
-    return StoppingAdvice("keep_labeling", f"keep labeling: {gain.per_hour:+.3f} {name} per hour ({interval}, "
-                                           f"stop below {rule.min_gain_per_hour:.3f})",
+    # A noisy curve keeps labeling too, but must not read as a measured gain (or a measured loss).
+    measured = "" if gain.low > rule.min_gain_per_hour else "no clear gain yet, "
+    return StoppingAdvice("keep_labeling", f"keep labeling: {measured}{gain.per_hour:+.3f} {name} per hour ({interval}, "
+                                           f"stop when it is wholly below {rule.min_gain_per_hour:.3f})",
                           rule, len(usable), gain, None, latest)
 
