@@ -67,6 +67,14 @@ STACK_SCORE_FLOOR_ML = DEFAULT_CONFIG.min_region_ml
 STACK_SCORE = "top_volume_mean"
 
 
+def _voxel_ml(spacing_mm: Sequence[float]) -> float:
+    """Volume of one voxel of (z, y, x) mm spacing, in mL; ValueError unless positive."""
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    if not voxel_ml > 0:
+        raise ValueError(f"spacing must be positive, got {tuple(spacing_mm)}")
+    return voxel_ml
+
+
 def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
                            threshold: float = DEFAULT_CONFIG.detection_threshold,
                            floor_ml: float = STACK_SCORE_FLOOR_ML) -> dict[str, float]:
@@ -81,9 +89,7 @@ def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
     - `largest_region_ml` / `detected_ml`: soft volume of the largest region / of all regions; without a region,
       the soft volume of the best voxel (`max_voxel` times the voxel volume, below any region's).
     """
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    if not voxel_ml > 0:
-        raise ValueError(f"spacing must be positive, got {tuple(spacing_mm)}")
+    voxel_ml = _voxel_ml(spacing_mm)
     prob = np.asarray(mean_prob)
     max_voxel = float(prob.max())
     components, count = ndimage.label(prob >= threshold, structure=CONNECTIVITY_3D)
@@ -102,11 +108,8 @@ def stack_score_candidates(mean_prob: np.ndarray, spacing_mm: Sequence[float],
 
 def top_volume_mean(mean_prob: np.ndarray, spacing_mm: Sequence[float], floor_ml: float = STACK_SCORE_FLOOR_ML) -> float:
     """Mean probability of the highest voxels of a (Z, Y, X) map that fill `floor_ml` (at least one voxel)."""
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    if not voxel_ml > 0:
-        raise ValueError(f"spacing must be positive, got {tuple(spacing_mm)}")
     flat = np.asarray(mean_prob).ravel()
-    top = max(1, min(flat.size, round(floor_ml / voxel_ml)))
+    top = max(1, min(flat.size, round(floor_ml / _voxel_ml(spacing_mm))))
     return float(np.partition(flat, flat.size - top)[-top:].astype(np.float64).mean())
 
 
