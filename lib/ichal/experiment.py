@@ -49,7 +49,7 @@ from ichal.selection import (
     roi_select,
     uncertainty_select,
 )
-from ichal.time_intervals import fit_log_error_model, select_within_budget_at_confidence
+from ichal.time_intervals import LogErrorModel, fit_log_error_model, select_within_budget_at_confidence
 from ichal.train import TrainItem, TrainSettings, train_ensemble
 from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
 
@@ -286,12 +286,42 @@ def select_batch(method: str, scores: Sequence[StackScores], seconds: np.ndarray
     raise ExperimentError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
+def pick_time_errors(history: Sequence[dict], fallback_std: float) -> LogErrorModel:
+    """The recalibration line and log errors of earlier picks (`history`: each stack's raw predicted
+    log-seconds at pick time and its true seconds, in the order they were labeled)."""
+    return fit_log_error_model(np.array([h["predicted_log_seconds"] for h in history]),
+                               np.log([h["true_seconds"] for h in history]), fallback_std)
+
+
+def budget_at_confidence(method: str, scores: Sequence[StackScores], raw_log: np.ndarray, history: Sequence[dict],
+                         fallback_std: float, budget_seconds: float, config: ExperimentConfig,
+                         rng_seed: Sequence[int], draw_seed: int) -> tuple[np.ndarray, np.ndarray, float, LogErrorModel]:
+    """As the app budgets a worklist: the raw predicted log-seconds `raw_log` recalibrated on the earlier
+    picks' errors, and `method`'s batch chosen so that its total stays within `budget_seconds` with
+    probability `config.budget_confidence`. Every trial selection draws from a fresh generator seeded with
+    `rng_seed`, so a random order stays the same while the time inflation is searched. Returns (indices,
+    recalibrated median seconds of every stack, the batch total's quantile, the error model)."""
+    errors = pick_time_errors(history, fallback_std)
+    medians = np.exp(errors.adjust(raw_log))
+
+    def select(times: np.ndarray, budget: float) -> np.ndarray:
+        return select_batch(method, scores, times, budget, np.random.default_rng(list(rng_seed)), config).indices
+
+    indices, _, high_total = select_within_budget_at_confidence(select, medians, budget_seconds, errors,
+                                                                config.budget_confidence, seed=draw_seed)
+    return np.asarray(indices, dtype=int), medians, high_total, errors
+
+
 def _mean_or_nan(values: np.ndarray) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
+def _rng_seed(seed: int, method: str, round_index: int) -> list[int]:
+    return [seed, METHODS.index(method) + 1, round_index]
+
+
 def _rng(seed: int, method: str, round_index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, METHODS.index(method) + 1, round_index])
+    return np.random.default_rng(_rng_seed(seed, method, round_index))
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -418,28 +448,25 @@ class _Run:
         if history is None:  # round 1: the seed set's cross-fitted errors stand in for earlier picks
             history = self.crossfit_history(seed, previous["labeled_ids"]) \
                 if self.protocol != "coreset" and self.config.crossfit_folds else []
-        errors = fit_log_error_model(np.array([h["predicted_log_seconds"] for h in history]),
-                                     np.log([h["true_seconds"] for h in history]), time_model.residual_std_)
         raw_log = time_model.predict_log([s.features for s in scores])
-        medians = np.exp(errors.adjust(raw_log))
-        expected = medians * errors.mean_factor()
-        high_total = float("nan")
         budget = self.budget_fraction * self.total_seconds
         if self.protocol == "coreset":  # doubling: as many new stacks as are labeled, one "second" each
+            errors = pick_time_errors(history, time_model.residual_std_)
+            medians = np.exp(errors.adjust(raw_log))
             indices = select_batch(method, scores, np.ones(len(unlabeled)), float(len(labeled)),
                                    _rng(seed, method, round_index), self.config).indices
+            high_total = float("nan")
         elif method == "oracle_cost":  # knows the true seconds: the batch's total is exact, no interval needed
+            errors = pick_time_errors(history, time_model.residual_std_)
+            medians = np.exp(errors.adjust(raw_log))
             indices = select_batch(method, scores, true_seconds, budget, _rng(seed, method, round_index),
                                    self.config).indices
             high_total = math.fsum(true_seconds[indices])
         else:
-
-            def select(times: np.ndarray, budget_seconds: float) -> np.ndarray:
-                return select_batch(method, scores, times, budget_seconds, _rng(seed, method, round_index),
-                                    self.config).indices
-
-            indices, _, high_total = select_within_budget_at_confidence(
-                select, medians, budget, errors, self.config.budget_confidence, seed=seed * 1000 + round_index)
+            indices, medians, high_total, errors = budget_at_confidence(
+                method, scores, raw_log, history, time_model.residual_std_, budget, self.config,
+                _rng_seed(seed, method, round_index), seed * 1000 + round_index)
+        expected = medians * errors.mean_factor()
         indices = np.asarray(indices, dtype=int)
         picked = [unlabeled[i].id for i in indices]
         picked_predicted = math.fsum(expected[indices])

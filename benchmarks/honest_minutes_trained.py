@@ -1,0 +1,172 @@
+"""Honest minutes with a well-trained committee (issue 17): worklists budgeted at a confidence, against the
+simulated annotator's true seconds.
+
+The committee is a finished checkpoint (e.g. 2 x `cpu_small`, 20000 steps on 200 stacks at 128 px: more than
+the cost protocol can train on 2 CPU cores). The time model is fit on the true masks and true seconds of the
+stacks the committee was trained on (what the site has measured). A fresh pool of unlabeled stacks is scored
+once; then, for each repetition, a random seed worklist is "labeled" first (its pick-time errors are the
+first residuals, as after a site's first random worklists), and each method picks R worklists in turn, each
+within `budget_fraction` of the pool's true seconds at `--confidence`, recalibrated on the errors of every
+stack labeled before it (`ichal.experiment.budget_at_confidence`, the experiment's and the app's logic). The
+committee is not retrained between worklists: with 200 labeled stacks a few more change it little, and the
+question here is the time estimate, not the model.
+
+    python benchmarks/honest_minutes_trained.py --checkpoint C.pt --time-pool-seed 0 --time-pool-count 200 \
+        --pool-seed 3000 --pool-count 120 --reps 10 --rounds 5 --json out/honest/trained.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ichal.config import DEFAULT_CONFIG
+from ichal.cost import LabelTimeModel, mask_features
+from ichal.ensemble import load_ensemble
+from ichal.experiment import CONFIGS, METHODS, budget_at_confidence, score_stacks
+from ichal.io import atomic_write_bytes
+from ichal.phantom import generate_pool
+
+
+def batch_record(rep: int, method: str, round_index: int, indices: np.ndarray, medians: np.ndarray,
+                 mean_factor: float, high_total: float, interval: tuple[float, float], raw_log: np.ndarray,
+                 raw_mean_factor: float, true_seconds: np.ndarray, budget: float) -> dict:
+    """What one budgeted worklist predicted and what it really took (all arrays over the unlabeled stacks)."""
+    true_log = np.log(true_seconds)
+    error = true_log - np.log(medians)
+    picked_true = math.fsum(true_seconds[indices])
+    predicted = math.fsum(medians[indices]) * mean_factor
+    return {
+        "rep": rep, "method": method, "round": round_index, "n_picked": int(len(indices)), "budget": budget,
+        "predicted_seconds": predicted, "high_seconds": high_total, "true_seconds": picked_true,
+        "raw_predicted_seconds": math.fsum(np.exp(raw_log[indices])) * raw_mean_factor,
+        "rel_error": (picked_true - predicted) / predicted if predicted > 0 else float("nan"),
+        "over_budget": bool(picked_true > budget),
+        "in_interval": int(((error[indices] >= interval[0]) & (error[indices] <= interval[1])).sum()),
+        "abs_log_errors": [float(v) for v in np.abs(error[indices])],
+        "selection_raw": float(np.mean(true_log[indices] - raw_log[indices]) - np.mean(true_log - raw_log))
+        if len(indices) else float("nan"),
+        "selection_recalibrated": float(np.mean(error[indices]) - np.mean(error)) if len(indices) else float("nan"),
+    }
+
+
+def summarize(batches: list[dict]) -> dict:
+    """The issue's four figures and the selection effect over `batches`."""
+    picked = [b for b in batches if b["n_picked"]]
+    stacks = sum(b["n_picked"] for b in picked)
+    return {
+        "batches": len(picked), "stacks": stacks,
+        "median_batch_rel_error": float(np.median([b["rel_error"] for b in picked])),
+        "median_batch_rel_error_raw": float(np.median([(b["true_seconds"] - b["raw_predicted_seconds"])
+                                                       / b["raw_predicted_seconds"] for b in picked])),
+        "share_over_budget": float(np.mean([b["over_budget"] for b in picked])),
+        "interval_coverage": sum(b["in_interval"] for b in picked) / stacks,
+        "median_abs_log_error": float(np.median([e for b in picked for e in b["abs_log_errors"]])),
+        "selection_raw": float(np.nanmean([b["selection_raw"] for b in picked])),
+        "selection_recalibrated": float(np.nanmean([b["selection_recalibrated"] for b in picked])),
+        "true_over_budget_total": math.fsum(b["true_seconds"] for b in picked) / math.fsum(b["budget"] for b in picked),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="committee (2+ members for uncertainty)")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--time-pool-seed", type=int, required=True, help="generator seed of the committee's training stacks")
+    parser.add_argument("--time-pool-count", type=int, default=200)
+    parser.add_argument("--pool-seed", type=int, default=3000, help="generator seed of the unlabeled pool")
+    parser.add_argument("--pool-count", type=int, default=120)
+    parser.add_argument("--seed-count", type=int, default=20, help="stacks of the first, random worklist")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--budget-fraction", type=float, default=0.05)
+    parser.add_argument("--confidence", type=float, default=0.8)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["cost_sensitive", "random", "uncertainty"])
+    parser.add_argument("--cache", type=Path, help="pickle of the pool's scores (reused when it matches)")
+    parser.add_argument("--json", type=Path, help="write every batch and the summaries here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    config = dataclasses.replace(CONFIGS["quick"], name="trained", size=args.size, budget_confidence=args.confidence)
+
+    labeled = list(tqdm(generate_pool(args.time_pool_count, args.size, args.time_pool_seed), total=args.time_pool_count,
+                        desc="committee's training stacks", unit="stack"))
+    time_model = LabelTimeModel().fit(
+        [mask_features(s.label.astype(np.float32), s.spacing_mm, DEFAULT_CONFIG.feature_thresholds) for s in labeled],
+        [float(s.meta["simulated_seconds"]) for s in labeled])
+    del labeled
+    pool = list(tqdm(generate_pool(args.pool_count, args.size, args.pool_seed), total=args.pool_count,
+                     desc="unlabeled pool", unit="stack"))
+    true_seconds = np.array([float(s.meta["simulated_seconds"]) for s in pool])
+    model = load_ensemble(args.checkpoint)
+    key = (model.meta["version"], args.size, args.pool_seed, args.pool_count)
+    cached = pickle.loads(args.cache.read_bytes()) if args.cache and args.cache.exists() else None
+    if cached is not None and cached["key"] == key:
+        scores = cached["scores"]
+    else:
+        by_id = score_stacks(config, model, pool, progress=True)
+        scores = [by_id[s.id] for s in pool]
+        if args.cache:
+            atomic_write_bytes(args.cache, pickle.dumps({"key": key, "scores": scores}))
+    raw_log_all = time_model.predict_log([s.features for s in scores])
+    raw_mean_factor = math.exp(0.5 * time_model.residual_std_**2)
+    budget = args.budget_fraction * float(true_seconds.sum())
+
+    batches = []
+    for rep in tqdm(range(args.reps), desc="repetitions"):
+        first = np.random.default_rng([rep, 17]).permutation(len(pool))[:args.seed_count]
+        for m, method in enumerate(args.methods):
+            labeled_idx = [int(i) for i in first]
+            history = [{"predicted_log_seconds": float(raw_log_all[i]), "true_seconds": float(true_seconds[i])}
+                       for i in labeled_idx]
+            for round_index in range(1, args.rounds + 1):
+                unlabeled = np.array([i for i in range(len(pool)) if i not in set(labeled_idx)])
+                raw_log = raw_log_all[unlabeled]
+                indices, medians, high_total, errors = budget_at_confidence(
+                    method, [scores[i] for i in unlabeled], raw_log, history, time_model.residual_std_, budget,
+                    config, [rep, m, round_index], rep * 1000 + round_index)
+                batches.append(batch_record(rep, method, round_index, indices, medians, errors.mean_factor(),
+                                            high_total, errors.interval(args.confidence), raw_log, raw_mean_factor,
+                                            true_seconds[unlabeled], budget))
+                picked = unlabeled[indices]
+                history += [{"predicted_log_seconds": float(raw_log_all[i]), "true_seconds": float(true_seconds[i])}
+                            for i in picked]
+                labeled_idx += [int(i) for i in picked]
+
+    pool_error = np.log(true_seconds) - raw_log_all
+    bleed = np.array([bool(s.label.any()) for s in pool])
+    pool_summary = {
+        "stacks": len(pool), "budget_seconds": budget, "time_model_r2": time_model.r2_,
+        "corr_log": float(np.corrcoef(raw_log_all, np.log(true_seconds))[0, 1]),
+        "median_abs_log_error_raw": float(np.median(np.abs(pool_error))),
+        "empty_true_over_pred": float(np.exp(np.median(pool_error[~bleed]))),
+        "bleed_true_over_pred": float(np.exp(np.median(pool_error[bleed]))),
+    }
+    summaries = {method: summarize([b for b in batches if b["method"] == method]) for method in args.methods}
+    summaries["all"] = summarize(batches)
+    print(f"pool of {len(pool)}: raw predictor corr {pool_summary['corr_log']:.2f}, median |log error| "
+          f"{pool_summary['median_abs_log_error_raw']:.2f}; empty stacks true/pred {pool_summary['empty_true_over_pred']:.2f}, "
+          f"bleed stacks {pool_summary['bleed_true_over_pred']:.2f}; budget {budget / 60:.0f} min per worklist")
+    print(f"{'method':16} {'batches':>7} {'stacks':>6} {'batch err raw':>13} {'batch err':>9} {'over budget':>11} "
+          f"{'coverage':>8} {'med|log err|':>12} {'selection raw':>13} {'sel. recal.':>11}")
+    for name, s in summaries.items():
+        print(f"{name:16} {s['batches']:7d} {s['stacks']:6d} {s['median_batch_rel_error_raw']:+13.0%} "
+              f"{s['median_batch_rel_error']:+9.0%} {s['share_over_budget']:11.0%} {s['interval_coverage']:8.0%} "
+              f"{s['median_abs_log_error']:12.2f} {s['selection_raw']:+13.2f} {s['selection_recalibrated']:+11.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "pool": pool_summary,
+                                         "summaries": summaries, "batches": batches}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
