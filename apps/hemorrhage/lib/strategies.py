@@ -157,6 +157,7 @@ class BudgetedStrategy(Strategy):
         against the measured minutes (`/info/` time_model.calibration). A different request starts a new worklist."""
         last = self.context.state.latest_serve(client)
         worklist = (last or {}).get("worklist")
+        # A worklist served before audit stacks existed has no `audit_stacks`: it is not continued.
         if not worklist or (worklist["strategy"], worklist["budget_seconds"], worklist["confidence"],
                             worklist.get("audit_stacks")) != (self.name, asked.budget_seconds, asked.confidence, asked.audit_stacks):
             return None
