@@ -1,4 +1,4 @@
-"""Tests for budgeted selection: exact knapsack against brute force, baselines, ACFT, cold start."""
+"""Tests for budgeted selection: exact knapsack against brute force, baselines, ACFT, cold start, audit stacks."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from ichal.selection import (
     acft_select,
     cheap_image_features,
     cold_start_select,
+    draw_audit_stacks,
     knapsack_select,
     random_select,
     roi_select,
+    select_with_audits,
     uncertainty_select,
 )
+from ichal.time_intervals import log_error_model, select_within_budget_at_confidence
 
 _instances = st.integers(min_value=0, max_value=9).flatmap(
     lambda n: st.tuples(
@@ -228,3 +231,65 @@ def test_cheap_image_features_describe_hu_content():
     assert features[-3:].tolist() == [0.0, 0.0, 1.0]
     with pytest.raises(SelectionInputError, match="Z, Y, X"):
         cheap_image_features(np.zeros((4, 4)))
+
+
+# -- audit stacks (issue 20) ---------------------------------------------------------------------
+def test_audit_draws_are_reproducible_per_draw_number_and_differ_between_draws():
+    first = draw_audit_stacks(50, 4, seed=0, draw_number=7)
+    assert first.tolist() == draw_audit_stacks(50, 4, seed=0, draw_number=7).tolist()
+    assert len(set(first.tolist())) == 4 and all(0 <= i < 50 for i in first)
+    others = {tuple(draw_audit_stacks(50, 4, seed=0, draw_number=n).tolist()) for n in range(8, 18)}
+    assert tuple(first.tolist()) not in others and len(others) == 10
+    assert sorted(draw_audit_stacks(3, 5, seed=0, draw_number=1).tolist()) == [0, 1, 2]  # fewer stacks than asked
+    assert draw_audit_stacks(10, 0, seed=0, draw_number=1).size == 0
+
+
+def test_audit_draws_are_uniform_over_the_pool():
+    counts = np.bincount(np.concatenate([draw_audit_stacks(10, 2, seed=3, draw_number=n) for n in range(5000)]),
+                         minlength=10)
+    assert counts.min() > 900 and counts.max() < 1100  # 1000 each expected
+
+
+def _rest_by_value(values):
+    def select_rest(rest, seconds, budget):
+        return uncertainty_select(values[rest], seconds, budget).indices
+    return select_rest
+
+
+def test_audit_stacks_come_first_and_the_strategy_fills_the_budget_left():
+    seconds = np.array([100.0, 200.0, 300.0, 50.0, 400.0])
+    values = np.array([0.0, 0.0, 0.9, 0.8, 0.7])
+    picked = select_with_audits(seconds, 650.0, np.array([1, 0]), _rest_by_value(values))
+    assert picked.tolist() == [1, 0, 2, 3]  # audits 1 and 0 (300 s), then by value under the 350 s left
+
+
+def test_audit_stacks_that_do_not_fit_are_left_out_in_draw_order_and_never_picked_by_the_strategy():
+    seconds = np.array([400.0, 300.0, 50.0, 50.0])
+    values = np.array([1.0, 1.0, 0.5, 0.5])
+    picked = select_with_audits(seconds, 500.0, np.array([0, 1]), _rest_by_value(values))
+    assert picked.tolist() == [0, 2, 3]  # the second audit would overrun: the rest fill 100 s
+    assert select_with_audits(seconds, 100.0, np.array([0, 1]), _rest_by_value(values)).tolist() == [2, 3]  # no audit fits
+    # Audit 2 would fit after audit 0 but comes after audit 1, which does not: draw order is kept (a prefix
+    # of a random order is random), and a drawn stack is never the strategy's pick.
+    assert select_with_audits(seconds, 500.0, np.array([0, 1, 2]), _rest_by_value(values)).tolist() == [0, 3]
+    # Not drawn, stack 1 is the strategy's to pick.
+    assert select_with_audits(seconds, 700.0, np.array([], dtype=int), _rest_by_value(values)).tolist() == [0, 1]
+
+
+def test_a_worklist_with_audits_stays_within_the_budget_at_its_confidence():
+    rng = np.random.default_rng(0)
+    medians = rng.uniform(120.0, 900.0, 30)
+    values = rng.uniform(0.0, 1.0, 30)
+    errors = log_error_model([], 0.5)
+    audit = np.array([4, 9])  # medians 754 s and 849 s
+
+    def select(times, budget_seconds):
+        return select_with_audits(times, budget_seconds, audit, _rest_by_value(values))
+
+    leading = {}
+    for budget in (600.0, 1800.0, 7200.0):
+        picked, _, high = select_within_budget_at_confidence(select, medians, budget, errors, 0.8)
+        assert 0 < high <= budget
+        leading[budget] = [i for i in picked.tolist() if i in audit]
+    # 600 s: no audit fits, the strategy's quick stacks do; 1800 s: only the first; 7200 s: both, first.
+    assert leading == {600.0: [], 1800.0: [4], 7200.0: [4, 9]}

@@ -68,7 +68,7 @@ def test_the_database_is_in_wal_mode_with_full_sync_and_a_schema_version(tmp_pat
     db = StateDB.open(tmp_path)
     other = sqlite3.connect(tmp_path / STATE_DB_NAME)
     assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert db._connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
@@ -79,10 +79,54 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_rows(tmp_path):
                            "VALUES ('ct_1', 'a', 1.0, 61.0, 60.0, 10.0, 1)")
         connection.execute("PRAGMA user_version = 1")
     db = StateDB.open(tmp_path)
-    assert db.schema_version() == 2
+    assert db.schema_version() == 3
     assert [r["seconds"] for r in db.label_times()] == [60.0]
     db.save_curve_point("v1", 2.5, 3, {"metrics": {"pixel_ap": 0.4}})
     assert db.curve_points()[0]["metrics"] == {"pixel_ap": 0.4}
+    db.record_audit_serve("ct_2", 5.0, None, "a", "w1")
+    assert [a["image"] for a in db.audits("withheld")] == ["ct_2"]
+
+
+def test_a_version_2_database_gains_the_audit_tables_keeping_its_curve(tmp_path):
+    with sqlite3.connect(tmp_path / STATE_DB_NAME) as connection:
+        connection.executescript(state_module._SCHEMA + state_module._SCHEMA_V2)
+        connection.execute("INSERT INTO curve_points (model_version, ts, hours, stacks, document) "
+                           "VALUES ('v1', 1.0, 2.0, 3, '{\"metrics\": {}}')")
+        connection.execute("PRAGMA user_version = 2")
+    db = StateDB.open(tmp_path)
+    assert db.schema_version() == 3
+    assert [(p["model_version"], p["hours"]) for p in db.curve_points()] == [("v1", 2.0)]
+    assert db.audits() == [] and db.audit_points() == []
+
+
+def test_audit_stacks_are_withheld_until_released_and_survive_a_restart(tmp_path):
+    db = StateDB.open(tmp_path)
+    db.record_audit_serve("ct_1", 1.0, "v1", "a", "w1")
+    db.record_audit_serve("ct_2", 2.0, "v1", "a", "w1")
+    db.record_audit_serve("ct_3", 3.0, "v1", "b", "w2")
+    db.forget_withheld_audit("ct_3")  # served again as a strategy's pick: no longer random
+    db.release_audits(["ct_1"], "v2")
+    db.forget_withheld_audit("ct_1")  # a released audit stays one: it must never enter a prequential batch
+    reopened = StateDB.open(tmp_path)
+    assert [a["image"] for a in reopened.audits("withheld")] == ["ct_2"]
+    assert reopened.audits("released") == [{"image": "ct_1", "served_ts": 1.0, "served_by_version": "v1", "client": "a",
+                                            "worklist_id": "w1", "status": "released", "released_by_version": "v2"}]
+    assert [a["image"] for a in reopened.audits()] == ["ct_1", "ct_2"]
+    with pytest.raises(ValueError, match="audit status"):
+        reopened.audits("pending")
+
+
+def test_an_audit_point_is_stored_once_per_new_committee_in_training_order(tmp_path):
+    db = StateDB.open(tmp_path)
+    point = {"old_version": "v1", "new_version": "v2", "old_hours": 1.0, "new_hours": 2.0, "stacks": 2,
+             "old_metrics": {"dice": 0.25}, "new_metrics": {"dice": 0.5}, "gains": {"dice": 0.25}, "images": ["a", "b"]}
+    db.save_audit_point(point, ts=1.0)
+    db.save_audit_point({**point, "old_version": "v2", "new_version": "v3"}, ts=2.0)
+    db.save_audit_point({**point, "stacks": 3}, ts=3.0)  # v2's training scored again: replaces its point
+    assert [(p["new_version"], p["stacks"]) for p in StateDB.open(tmp_path).audit_points()] == [("v3", 2), ("v2", 3)]
+    assert db.audit_points()[1] == {**point, "stacks": 3, "ts": 3.0}
+    with pytest.raises(ValueError, match="lacks"):
+        db.save_audit_point({"new_version": "v4"})
 
 
 def test_a_committee_scored_twice_keeps_one_curve_point_and_reviews_stay_apart(tmp_path):

@@ -22,8 +22,10 @@ from server_fixtures import running_server, wait_for
 
 pytestmark = pytest.mark.integration
 
+# No audit stacks: every labeled stack here is a strategy's pick, so the prequential curve is what is tested
+# (tests/test_audit_stacks.py tests the audits).
 CONF = {"ensemble_size": "2", "train_iterations": "4", "train_batch_size": "4", "model_spacing_mm": "3.6",
-        "train_lookalike_fraction": "1.0", "stop_window": "3"}
+        "train_lookalike_fraction": "1.0", "stop_window": "3", "audit_stacks": "0"}
 ROUNDS = 3  # labeled batches after the first committee: stop_window points, so the advice can speak
 
 
@@ -77,6 +79,7 @@ def test_before_any_batch_the_advice_says_not_enough_batches(server):
     stopping = MONAILabelClient(server).info()["ichal"]["stopping"]
     assert stopping["verdict"] == "not_enough_batches" and stopping["message"].startswith("not enough batches yet")
     assert stopping["curve"] == [] and stopping["rule"]["window"] == 3
+    assert stopping["source"] == "prequential (biased on actively picked stacks)" and stopping["audit_points"] == []
 
 
 def test_each_batch_is_scored_by_the_committee_that_picked_it_before_training(server, pool, tmp_path):

@@ -3,7 +3,7 @@
 Wiring only: every computation is in the `ichal` library. Tasks: infer `hemorrhage` and
 `hemorrhage_uncertainty`, train `hemorrhage`, scoring `committee`, strategies `cost_sensitive`,
 `uncertainty`, `random`, `acft`, `cold_start` and `review` (machine labels from POST /autolabel/).
-GET /dashboard/ shows the learning curve and the stopping advice. Configuration: `--conf` keys in lib/settings.py.
+GET /dashboard/ shows the learning curves and the stopping advice. Configuration: `--conf` keys in lib/settings.py.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class HemorrhageApp(MONAILabelApp):
         meta = super().info()
         model = self.context.load_model() if self.settings.model_path.exists() else None
         records = self.context.label_times.read()
-        curve, advice = self.context.stopping()
+        curve, audit_points, advice = self.context.stopping()
         meta["ichal"] = {
             # `calibration`: how the predictions made at serve time held against the measured seconds.
             "time_model": {**self.context.time_model().describe(), "calibration": calibration_summary(records)},
@@ -124,7 +124,8 @@ class HemorrhageApp(MONAILabelApp):
             "model": None if model is None else {k: model.meta.get(k) for k in ("version", "created", "preset", "train_ids", "metrics")},
             "settings": {key: getattr(self.settings, key) for key in CONF_KEYS},
             # Prequential: each labeled batch scored by the committee that picked it, before training on it.
-            "stopping": {**advice.to_dict(), "curve": curve},
+            # Audit: random stacks scored by the committees before and after the training withheld them.
+            "stopping": {**advice.to_dict(), "curve": curve, "audit_points": audit_points},
         }
         return meta
 

@@ -1,8 +1,8 @@
 """The labeling dashboard (issue 20): its data as one JSON document and its page as plain HTML with charts
 drawn on the server (matplotlib SVG, inline: nothing is fetched from elsewhere, machines are offline).
 
-Charts: the prequential learning curve against labeled hours with the stopping verdict, predicted against
-measured minutes per stack and per worklist, hours per annotator. Tables: the open worklists, training runs.
+Charts: the prequential learning curve and the audit gain curve against labeled hours with the stopping
+verdict, predicted against measured minutes per stack and per worklist, hours per annotator. Tables: the open worklists, training runs.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after the backend is chosen)
 
-from ichal.learning_curve import CURVE_METRICS, METRIC_NAMES, StoppingAdvice  # noqa: E402
+from ichal.learning_curve import CURVE_METRICS, METRIC_NAMES, AuditPoint, StoppingAdvice, audit_curve  # noqa: E402
 from ichal.time_intervals import batch_outcomes  # noqa: E402
 
 # While a training (or auto-labeling) runs, the page reloads itself this often.
 REFRESH_SECONDS = 15
 
 
-def dashboard_data(curve: Sequence[dict[str, Any]], advice: StoppingAdvice, label_times: Sequence[dict[str, Any]],
-                   review_times: Sequence[dict[str, Any]], worklists: Sequence[dict[str, Any]],
-                   train_runs: Sequence[dict[str, Any]], busy: bool) -> dict[str, Any]:
-    """Everything the page shows, JSON-ready. `curve`: stored curve points; `label_times`: radiologist time
-    records (with `at_serve` when the stack was served); `review_times`: accepted machine labels;
+def dashboard_data(curve: Sequence[dict[str, Any]], audit_points: Sequence[dict[str, Any]], advice: StoppingAdvice,
+                   label_times: Sequence[dict[str, Any]], review_times: Sequence[dict[str, Any]],
+                   worklists: Sequence[dict[str, Any]], train_runs: Sequence[dict[str, Any]], busy: bool) -> dict[str, Any]:
+    """Everything the page shows, JSON-ready. `curve`: stored prequential points; `audit_points`: stored audit
+    points (training order), chained into `audit_curve`; `label_times`: radiologist time records (with `at_serve` when the stack was served); `review_times`: accepted machine labels;
     `worklists`: each annotator's open worklist (client, worklist, labeled ids); `busy`: a training runs."""
     stacks = [{"image": r["image"], "client": r["client"], "predicted_minutes": r["at_serve"]["predicted_seconds"] / 60.0,
                "measured_minutes": r["seconds"] / 60.0}
@@ -45,7 +45,10 @@ def dashboard_data(curve: Sequence[dict[str, Any]], advice: StoppingAdvice, labe
             row["stacks"] += 1
     return {
         "busy": busy,
-        "stopping": {**advice.to_dict(), "curve": list(curve)},
+        "stopping": {**advice.to_dict(), "curve": list(curve), "audit_points": list(audit_points),
+                     "audit_curve": [{"hours": p.hours, "stacks": p.stacks, "model_version": p.model_version,
+                                      "cumulative_gain": p.metrics}
+                                     for p in audit_curve([AuditPoint.of(r) for r in audit_points])]},
         "calibration": {"stacks": stacks, "worklists": batches},
         "annotators": [{"client": client, **row} for client, row in sorted(annotators.items())],
         "worklists": list(worklists),
@@ -91,6 +94,26 @@ def learning_curve_svg(data: dict[str, Any]) -> str:
     else:
         _no_data(axis, "no batch scored yet: save labels, then train")
     axis.set(xlabel="labeled hours the committee was trained on", ylabel="on the batch it picked")
+    return _svg(figure)
+
+
+def audit_curve_svg(data: dict[str, Any]) -> str:
+    """Each metric's cumulative audit gain against labeled hours (the chained paired gains on random stacks);
+    each series is an SVG group with id `series-audit-<metric>`."""
+    figure, axis = _figure("audit gain: random stacks scored before and after each training")
+    points = data["stopping"]["audit_curve"]
+    for metric in CURVE_METRICS:
+        pairs = [(p["hours"], p["cumulative_gain"][metric]) for p in points if p["cumulative_gain"].get(metric) is not None]
+        # The first pair is the chain's anchor (0 by definition): a metric with no gain of its own is not drawn.
+        if len(pairs) > 1:
+            line, = axis.plot(*zip(*pairs), "o-", label=METRIC_NAMES[metric])
+            line.set_gid(f"series-audit-{metric}")
+    if axis.get_legend_handles_labels()[0]:
+        axis.axhline(0.0, color="grey", lw=1, ls=":")
+        axis.legend(fontsize=8, loc="lower right")
+    else:
+        _no_data(axis, "no audit gain yet: label a worklist's audit stacks, then train")
+    axis.set(xlabel="labeled hours the committee was trained on", ylabel="cumulative gain since the first")
     return _svg(figure)
 
 
@@ -170,8 +193,10 @@ table {{ border-collapse: collapse; margin-bottom: 1em; }} td, th {{ border: 1px
 <h1>ichal: labeling dashboard</h1>
 <p class="verdict" id="verdict" data-verdict="{html.escape(stopping['verdict'])}">{html.escape(stopping['message'])}</p>
 <p class="note">{html.escape(numbers)}</p>
+<p class="note" id="source">source: {html.escape(stopping['source'])}</p>
 <div class="charts">
 <figure id="learning-curve">{learning_curve_svg(data)}</figure>
+<figure id="audit-curve">{audit_curve_svg(data)}</figure>
 <figure id="calibration">{calibration_svg(data)}</figure>
 <figure id="annotators">{annotators_svg(data)}</figure>
 </div>

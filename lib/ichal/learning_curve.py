@@ -1,9 +1,10 @@
-"""The prequential learning curve and when to stop labeling (issue 20; "AL is 90% effective", the elbow).
+"""The learning curve and when to stop labeling (issue 20; "AL is 90% effective", the elbow).
 
-Each labeled batch, before it is trained on, is a fresh test set for the committee that picked it: its
-metrics on the batch, against the labeled hours that committee was trained on, trace a learning curve
-with no held-out set. `stopping_advice` reads the gain per labeled hour off the curve's last batches
-and calls a plateau only when the whole interval of that gain is below a floor.
+Two curves, no held-out set. Prequential: each labeled batch, before it is trained on, scored by the
+committee that picked it (biased low: actively picked stacks are the ones it gets wrong). Audit: a few
+random stacks per worklist, withheld from training for one round, scored by the committee before and
+after it; the paired gains, chained, trace an unbiased curve. `stopping_advice` reads the gain per labeled
+hour off a curve's last points and calls a plateau only when the whole interval of that gain is below a floor.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from scipy import stats
 # The metrics each batch point carries (`ichal.metrics.DetectionEvaluator.result` keys).
 CURVE_METRICS = ("pixel_ap", "stack_ap", "dice")
 METRIC_NAMES = {"pixel_ap": "pixel AP", "stack_ap": "stack AP", "dice": "Dice"}
+# Where the advice comes from until the audit curve has enough points: said with the advice, since it misleads.
+PREQUENTIAL_SOURCE = "prequential (biased on actively picked stacks)"
 
 
 class CurveError(ValueError):
@@ -38,6 +41,52 @@ class CurvePoint:
     def value(self, metric: str) -> float:
         value = self.metrics.get(metric)
         return float("nan") if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class AuditPoint:
+    """One training's paired test on its audit stacks: `stacks` random stacks neither committee was trained
+    on, scored by `old_version` (the committee serving when the training started, trained on `old_hours`
+    labeled hours) and by `new_version` (the one it trained, `new_hours`). Metrics: values in [0, 1],
+    None where undefined on the stacks (`ichal.prequential.batch_metrics`)."""
+
+    old_version: str
+    new_version: str
+    old_hours: float
+    new_hours: float
+    stacks: int
+    old_metrics: dict[str, float | None]
+    new_metrics: dict[str, float | None]
+
+    @classmethod
+    def of(cls, record: dict) -> "AuditPoint":
+        """From a stored record (`StateDB.audit_points`), which carries more keys than these."""
+        return cls(**{name: record[name] for name in cls.__dataclass_fields__})
+
+    def gains(self) -> dict[str, float | None]:
+        """New minus old per metric, on the same stacks (each stack's difficulty cancels); None where either is undefined."""
+        return {metric: None if self.old_metrics.get(metric) is None or self.new_metrics.get(metric) is None
+                else float(self.new_metrics[metric]) - float(self.old_metrics[metric]) for metric in CURVE_METRICS}
+
+
+def audit_curve(points: Sequence[AuditPoint]) -> list[CurvePoint]:
+    """The chained audit curve of `points` (training order): 0 at the first point's old hours, then per metric
+    the running sum of the paired gains, at each point's new hours. A point whose gain is undefined for a
+    metric has no value for it and adds nothing to the sum; so does a training that had no labeled audit
+    stack (it stored no point)."""
+    if not points:
+        return []
+    first = points[0]
+    curve = [CurvePoint(first.old_version, first.old_hours, first.stacks, dict.fromkeys(CURVE_METRICS, 0.0))]
+    totals = dict.fromkeys(CURVE_METRICS, 0.0)
+    for point in points:
+        values: dict[str, float] = {}
+        for metric, gain in point.gains().items():
+            if gain is not None:
+                totals[metric] += gain
+                values[metric] = totals[metric]
+        curve.append(CurvePoint(point.new_version, point.new_hours, point.stacks, values))
+    return curve
 
 
 @dataclass(frozen=True)
@@ -79,7 +128,7 @@ class GainPerHour:
 class StoppingAdvice:
     """`verdict`: "not_enough_batches", "keep_labeling" or "plateau"; `message`: the plain sentence;
     `gain`: over the last `rule.window` batches; `plateau_since_hours`: the elbow (the earliest batch
-    from which the curve stays flat), set with a plateau."""
+    from which the curve stays flat), set with a plateau; `source`: the curve it was read from."""
 
     verdict: str
     message: str
@@ -88,6 +137,7 @@ class StoppingAdvice:
     gain: GainPerHour | None
     plateau_since_hours: float | None
     latest_value: float | None
+    source: str
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,8 +191,9 @@ def plateau_start(points: Sequence[CurvePoint], rule: StoppingRule) -> float | N
     return usable[start].hours
 
 
-def stopping_advice(points: Sequence[CurvePoint], rule: StoppingRule = StoppingRule()) -> StoppingAdvice:
-    """Keep labeling or stop, from the prequential curve `points` (any order).
+def stopping_advice(points: Sequence[CurvePoint], rule: StoppingRule = StoppingRule(),
+                    source: str = PREQUENTIAL_SOURCE) -> StoppingAdvice:
+    """Keep labeling or stop, from the curve `points` (any order); `source` names the curve in the advice.
 
     Plateau: the gain per labeled hour over the last `rule.window` batches is below `rule.min_gain_per_hour`
     with the rule's confidence (its interval's upper end is below the floor). A noisy curve keeps its
@@ -155,7 +206,7 @@ def stopping_advice(points: Sequence[CurvePoint], rule: StoppingRule = StoppingR
     if len(usable) < rule.window or np.ptp([p.hours for p in usable[-rule.window:]]) <= 0:
         return StoppingAdvice("not_enough_batches",
                               f"not enough batches yet: {len(usable)} with a {name}, the advice needs {rule.window}",
-                              rule, len(usable), None, None, latest)
+                              rule, len(usable), None, None, latest, source)
     recent = usable[-rule.window:]
     gain = gain_per_hour([p.hours for p in recent], [p.value(rule.metric) for p in recent],
                          [p.stacks for p in recent], rule.confidence)
@@ -164,10 +215,20 @@ def stopping_advice(points: Sequence[CurvePoint], rule: StoppingRule = StoppingR
     if since is not None:
         return StoppingAdvice("plateau", f"plateau since {since:.1f} h: further labels buy little "
                                          f"({gain.per_hour:+.3f} {name} per hour, {interval})",
-                              rule, len(usable), gain, since, latest)
+                              rule, len(usable), gain, since, latest, source)
     # A noisy curve keeps labeling too, but must not read as a measured gain (or a measured loss).
     measured = "" if gain.low > rule.min_gain_per_hour else "no clear gain yet, "
     return StoppingAdvice("keep_labeling", f"keep labeling: {measured}{gain.per_hour:+.3f} {name} per hour ({interval}, "
                                            f"stop when it is wholly below {rule.min_gain_per_hour:.3f})",
-                          rule, len(usable), gain, None, latest)
+                          rule, len(usable), gain, None, latest, source)
+
+
+def advice_from_curves(prequential: Sequence[CurvePoint], audits: Sequence[AuditPoint],
+                       rule: StoppingRule = StoppingRule()) -> StoppingAdvice:
+    """The advice of the chained audit curve (`audit_curve`) once it has `rule.window` audit points; before
+    that, the prequential curve's, labelled as biased: it does not track a held-out curve (docs/dashboard.md)."""
+    if len(audits) < rule.window:
+        return stopping_advice(prequential, rule)
+    source = f"audit: {len(audits)} points, {sum(point.stacks for point in audits)} stacks"
+    return stopping_advice(audit_curve(audits), rule, source)
 

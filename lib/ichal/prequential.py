@@ -1,5 +1,6 @@
-"""One point of the prequential learning curve: the committee scored on the labeled batch it picked, before
-it is trained on it (issue 20; `ichal.learning_curve` reads the points). No held-out set is spent.
+"""Points of the learning curves (issue 20; `ichal.learning_curve` reads them), no held-out set spent:
+prequential, the committee scored on the labeled batch it picked before it is trained on it; audit, the
+committees before and after a training scored on the same random stacks, withheld from that training.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ichal.ensemble import EnsembleModel, predict_stack
-from ichal.learning_curve import CURVE_METRICS
+from ichal.learning_curve import CURVE_METRICS, AuditPoint
 from ichal.metrics import DetectionEvaluator
 from ichal.train import TrainItem
 
@@ -39,3 +40,15 @@ def trained_hours(label_times: Iterable[dict[str, Any]], train_ids: Iterable[str
         if record["image"] in ids:
             seconds[record["image"]] = seconds.get(record["image"], 0.0) + float(record["seconds"])
     return math.fsum(seconds.values()) / 3600.0, len(ids - set(seconds))
+
+
+def audit_point(old: EnsembleModel, new: EnsembleModel, audit_stacks: Sequence[TrainItem],
+                label_times: Sequence[dict[str, Any]], *, device: str = "cpu", overlap: float = 0.25) -> AuditPoint:
+    """The paired test of a training: committee `old` (serving when it started) and `new` (the one it trained)
+    scored on the same `audit_stacks`, which neither was trained on; hours from the radiologists' time
+    records `label_times` of each committee's `train_ids`."""
+    old_hours, _ = trained_hours(label_times, old.meta["train_ids"])
+    new_hours, _ = trained_hours(label_times, new.meta["train_ids"])
+    return AuditPoint(old.meta["version"], new.meta["version"], old_hours, new_hours, len(audit_stacks),
+                      batch_metrics(old, audit_stacks, device=device, overlap=overlap),
+                      batch_metrics(new, audit_stacks, device=device, overlap=overlap))

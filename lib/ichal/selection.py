@@ -1,13 +1,14 @@
 """Budgeted batch selection: exact 0/1 knapsack on stack value and predicted seconds, plus baselines.
 
 Follows Kuo et al. 2018, section 3 and 5.2 (knapsack, random, uniform-cost AL), ACFT (paper 001,
-sec. 3.4, eq. 4: randomized top-omega*b sampling), a value-per-second greedy (issue 18) and k-center cold
-start for a pool without a model.
+sec. 3.4, eq. 4: randomized top-omega*b sampling), a value-per-second greedy (issue 18), k-center cold
+start for a pool without a model, and random audit stacks forced into a worklist (issue 20).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -248,6 +249,36 @@ def cold_start_select(
         available[pick] = False
         np.minimum(distance, np.linalg.norm(standardized - standardized[pick], axis=1), out=distance)
     return _selection(chosen, None, times)
+
+
+def draw_audit_stacks(pool_size: int, count: int, seed: int, draw_number: int) -> np.ndarray:
+    """`count` indices of a pool of `pool_size` stacks drawn uniformly without replacement (all of them, in
+    random order, when fewer). Reproducible: the same (`seed`, `draw_number`) draws the same; each worklist
+    passes another `draw_number`, so worklists draw differently."""
+    if pool_size < 0 or count < 0 or draw_number < 0:
+        raise SelectionInputError(f"pool_size, count and draw_number must be >= 0; got {pool_size}, {count}, {draw_number}")
+    return np.random.default_rng([seed, draw_number]).permutation(pool_size)[:count]
+
+
+def select_with_audits(seconds: np.ndarray, budget_seconds: float, audit: np.ndarray,
+                       select_rest: Callable[[np.ndarray, np.ndarray, float], np.ndarray]) -> np.ndarray:
+    """A worklist with audit stacks forced in, all within `budget_seconds` (issue 20).
+
+    `audit`: indices into `seconds`, in draw order; the longest prefix of them whose seconds fit the budget
+    is taken (fewer audits when they do not all fit). Then `select_rest(rest, seconds[rest], left)` picks
+    among the other stacks `rest` under the budget left, answering indices into `rest`. Returns indices
+    into `seconds`: the audits first, then the rest's picks.
+    """
+    times = _check_seconds(seconds, budget_seconds)
+    audit = np.asarray(audit, dtype=np.int64)
+    fitting = int(np.searchsorted(np.cumsum(times[audit]), budget_seconds, side="right"))
+    audits = audit[:fitting]
+    rest = np.setdiff1d(np.arange(len(times)), audit)
+    left = max(0.0, budget_seconds - math.fsum(times[audits]))
+    if not len(rest):
+        return audits
+    picked = np.asarray(select_rest(rest, times[rest], left), dtype=np.int64)
+    return np.concatenate([audits, rest[picked]])
 
 
 def cheap_image_features(image_hu: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Durable state shared by the server and its training/scoring subprocesses.
 
-`StateDB` keeps annotator events, measured labeling times, check-outs, training runs and calibration
-records in one SQLite file (WAL, one transaction per event); `JsonStore` keeps small JSON documents
+`StateDB` keeps annotator events, measured labeling times, check-outs, training runs, calibration
+records, the learning curves' points and the audit stacks in one SQLite file (WAL, one transaction per event); `JsonStore` keeps small JSON documents
 (the PACS mirror's bookkeeping). A crash or a concurrent writer never leaves a half-written or lost record.
 """
 
@@ -26,7 +26,7 @@ from ichal.labeling_time import LabelEvent, measured_times
 logger = logging.getLogger(__name__)
 
 STATE_DB_NAME = "state.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The JSON files of earlier versions, imported once into a new state.sqlite3 and then renamed `<name>.migrated`.
 LEGACY_JSON_FILES = ("label_events.json", "label_times.json", "checkouts.json", "train_status.json")
 # Another process holding the write lock (a save, a training-progress update) is waited for, not failed on.
@@ -100,10 +100,36 @@ CREATE TABLE review_times (
     UNIQUE (image, client, started)
 );
 """
-_UPGRADES = {1: _SCHEMA_V2}  # from version k to k + 1
+# Version 3 (issue 20): audit stacks, random stacks served in worklists and withheld from training until a
+# committee trained after them has scored them, and the paired points they give.
+_SCHEMA_V3 = """
+CREATE TABLE audits (
+    image TEXT PRIMARY KEY,
+    served_ts REAL NOT NULL,
+    served_by_version TEXT,
+    client TEXT NOT NULL,
+    worklist_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    released_by_version TEXT
+);
+CREATE TABLE audit_points (
+    new_version TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    old_version TEXT NOT NULL,
+    old_hours REAL NOT NULL,
+    new_hours REAL NOT NULL,
+    stacks INTEGER NOT NULL,
+    document TEXT NOT NULL
+);
+"""
+_UPGRADES = {1: _SCHEMA_V2, 2: _SCHEMA_V3}  # from version k to k + 1
 
 _LABEL_TIME_COLUMNS = ("image", "client", "started", "saved", "seconds", "boundary_mm", "n_components")
 _TRAIN_RUN_COLUMNS = ("state", "pid", "started", "ended")
+_AUDIT_COLUMNS = ("image", "served_ts", "served_by_version", "client", "worklist_id", "status", "released_by_version")
+_AUDIT_POINT_COLUMNS = ("new_version", "ts", "old_version", "old_hours", "new_hours", "stacks")
+# An audit stack is withheld from training until a committee trained after its label scored it, then released.
+AUDIT_STATUSES = ("withheld", "released")
 
 
 class StateError(ValueError):
@@ -244,7 +270,7 @@ class StateDB:
         with self.transaction() as connection:
             if int(connection.execute("PRAGMA user_version").fetchone()[0]) > 0:
                 return False
-            _execute_script(connection, _SCHEMA + _SCHEMA_V2)
+            _execute_script(connection, _SCHEMA + _SCHEMA_V2 + _SCHEMA_V3)
             for event in legacy.events:
                 self.record_event(event)
             for record in legacy.label_times:
@@ -293,6 +319,10 @@ class StateDB:
         row = self._connection().execute(
             "SELECT snapshot FROM serves WHERE client = ? ORDER BY ts DESC, id DESC LIMIT 1", (client,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def serves_recorded(self) -> int:
+        """How many serves were ever recorded: a counter that only grows (it numbers the audit draws)."""
+        return int(self._connection().execute("SELECT COALESCE(MAX(id), 0) FROM serves").fetchone()[0])
 
     def latest_serves(self) -> dict[str, dict[str, Any]]:
         """client -> the snapshot of the last serve to that client, for every client ever served."""
@@ -394,6 +424,59 @@ class StateDB:
             "SELECT model_version, ts, hours, stacks, document FROM curve_points ORDER BY ts, rowid").fetchall()
         return [{**json.loads(row[4]), "model_version": row[0], "ts": row[1], "hours": row[2], "stacks": row[3]}
                 for row in rows]
+
+    # -- audit stacks and their points ------------------------------------------------------------
+    def record_audit_serve(self, image: str, served_ts: float, served_by_version: str | None, client: str,
+                           worklist_id: str) -> None:
+        """`image` was served as an audit stack (drawn at random) by committee `served_by_version` (None before
+        the first training): withheld from training once labeled. Serving it again as an audit renews the row."""
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO audits (image, served_ts, served_by_version, client, worklist_id, status, "
+                "released_by_version) VALUES (?, ?, ?, ?, ?, 'withheld', NULL)",
+                (image, served_ts, served_by_version, client, worklist_id))
+
+    def forget_withheld_audit(self, image: str) -> None:
+        """`image`, served as an audit but never labeled, was served again as a strategy's pick: no longer a
+        random stack, so no longer an audit."""
+        with self.transaction() as connection:
+            connection.execute("DELETE FROM audits WHERE image = ? AND status = 'withheld'", (image,))
+
+    def audits(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Every audit stack as a dict of its columns, in the order served; with `status`, only those."""
+        if status is not None and status not in AUDIT_STATUSES:
+            raise ValueError(f"audit status must be one of {AUDIT_STATUSES}, got {status!r}")
+        query = f"SELECT {', '.join(_AUDIT_COLUMNS)} FROM audits"
+        rows = self._connection().execute(
+            query + (" WHERE status = ?" if status else "") + " ORDER BY served_ts, rowid", (status,) if status else ()).fetchall()
+        return [dict(zip(_AUDIT_COLUMNS, row)) for row in rows]
+
+    def release_audits(self, images: list[str], released_by_version: str) -> None:
+        """Committee `released_by_version` was trained without `images` and they were scored (or there was no
+        committee to score): the next training trains on them."""
+        with self.transaction() as connection:
+            connection.executemany("UPDATE audits SET status = 'released', released_by_version = ? WHERE image = ?",
+                                   [(released_by_version, image) for image in images])
+
+    def save_audit_point(self, record: dict[str, Any], ts: float | None = None) -> None:
+        """Store one training's paired test (keys new_version, old_version, old_hours, new_hours, stacks; any
+        others, e.g. metrics and image ids, in `document`); a second one of the same new committee replaces it."""
+        missing = [key for key in _AUDIT_POINT_COLUMNS if key != "ts" and key not in record]
+        if missing:
+            raise ValueError(f"audit point {record} lacks {missing}")
+        document = {key: value for key, value in record.items() if key not in _AUDIT_POINT_COLUMNS}
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO audit_points (new_version, ts, old_version, old_hours, new_hours, stacks, document) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record["new_version"], time.time() if ts is None else ts, record["old_version"], record["old_hours"],
+                 record["new_hours"], record["stacks"], json.dumps(document, sort_keys=True)))
+
+    def audit_points(self) -> list[dict[str, Any]]:
+        """Every stored audit point as a dict (its columns and the document's keys), in training order."""
+        rows = self._connection().execute(
+            f"SELECT {', '.join(_AUDIT_POINT_COLUMNS)}, document FROM audit_points ORDER BY ts, rowid").fetchall()
+        return [{**json.loads(row[-1]), **dict(zip(_AUDIT_POINT_COLUMNS, row[:-1]))} for row in rows]
 
     # -- review times of accepted machine labels ---------------------------------------------
     def upsert_review_time(self, image: str, client: str, started: float, saved: float, seconds: float) -> None:

@@ -16,7 +16,7 @@ from ichal.checkout import CheckoutRegistry
 from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
 from ichal.io import Volume
 from ichal.labeling_time import EventLog, measured_times
-from ichal.learning_curve import CurvePoint, StoppingAdvice, stopping_advice
+from ichal.learning_curve import AuditPoint, CurvePoint, StoppingAdvice, advice_from_curves
 from ichal.state import StateDB
 from ichal.time_intervals import worklist_summary
 
@@ -94,18 +94,20 @@ class AppContext:
                 self._model_cache = (mtime, load_ensemble(path, device=self.settings.device))
             return self._model_cache[1]
 
-    # -- the prequential curve and when to stop ------------------------------------------------
-    def stopping(self) -> tuple[list[dict[str, Any]], StoppingAdvice]:
-        """The stored curve points (oldest first) and the stopping advice they give under the settings' rule."""
-        records = self.state.curve_points()
+    # -- the learning curves and when to stop --------------------------------------------------
+    def stopping(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], StoppingAdvice]:
+        """The stored prequential and audit points (oldest first) and the stopping advice they give under the
+        settings' rule: the audit curve's once it has `stop_window` points, the prequential one's before."""
+        records, audit_records = self.state.curve_points(), self.state.audit_points()
         points = [CurvePoint(r["model_version"], r["hours"], r["stacks"], r["metrics"]) for r in records]
-        return records, stopping_advice(points, self.settings.stopping_rule)
+        audits = [AuditPoint.of(r) for r in audit_records]
+        return records, audit_records, advice_from_curves(points, audits, self.settings.stopping_rule)
 
     def dashboard_data(self, datastore: Any, autolabel_running: bool = False) -> dict[str, Any]:
         """What GET /dashboard/ shows (`ichal.dashboard.dashboard_data`), from the state database and `datastore`."""
         from ichal.dashboard import dashboard_data  # matplotlib: only the server process draws
 
-        curve, advice = self.stopping()
+        curve, audit_points, advice = self.stopping()
         worklists = []
         for client, snapshot in self.state.latest_serves().items():
             worklist = snapshot.get("worklist")
@@ -121,7 +123,7 @@ class AppContext:
                  "started_iso": time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.started)) if run.started else None}
                 for run in self.state.train_runs()]
         busy = autolabel_running or self.train_status.read().get("state") == "RUNNING"
-        return dashboard_data(curve, advice, self.label_times.read(), self.state.review_times(), worklists, runs, busy)
+        return dashboard_data(curve, audit_points, advice, self.label_times.read(), self.state.review_times(), worklists, runs, busy)
 
     # -- labeling time ------------------------------------------------------------------------
     def time_model(self) -> LabelTimeModel:

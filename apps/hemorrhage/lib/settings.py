@@ -34,6 +34,7 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "device": (str, "cpu", "torch device for inference, scoring and training (cpu, cuda, cuda:1)"),
     "budget_minutes": (float, 60.0, "default labeling budget of a worklist when a request gives none"),
     "budget_confidence": (float, 0.8, "probability that a worklist's total labeling time stays within its budget (request parameter confidence)"),
+    "audit_stacks": (int, 2, "random stacks per worklist, within its budget, withheld from one training to measure its gain (request parameter audit_stacks; 0: none)"),
     "checkout_minutes": (float, 30.0, "how long a served stack stays reserved for the annotator it was served to"),
     "idle_limit_seconds": (float, 300.0, "gaps between an annotator's events longer than this count only this much"),
     "unscored_stack_minutes": (float, 10.0, "labeling time assumed for a stack no model has scored, until times are measured"),
@@ -43,8 +44,8 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "pacs_sync_seconds": (float, 30.0, "with a DICOMweb --studies: how often new series and SEGs are pulled from the PACS"),
     "enable_dataset_download": (parse_bool, False, "offer GET /datastore/dataset (a zip of every image and label) to annotators"),
     "allow_unauthenticated": (parse_bool, False, "serve on a non-loopback address without MONAI Label's auth (MONAI_LABEL_AUTH_ENABLE)"),
-    "stop_metric": (str, "pixel_ap", "the prequential curve's metric the stopping advice reads: pixel_ap, stack_ap or dice"),
-    "stop_window": (int, 4, "last labeled batches the stopping advice measures the gain per labeled hour over"),
+    "stop_metric": (str, "pixel_ap", "the learning curve's metric the stopping advice reads: pixel_ap, stack_ap or dice"),
+    "stop_window": (int, 4, "last labeled batches (audit points, once there are this many) the stopping advice measures the gain per labeled hour over"),
     "stop_min_gain_per_hour": (float, 0.01, "gain per labeled hour (stop_metric units) below which the advice says plateau"),
     "engine": (str, "local", "local (this machine) or ray (scoring and training on a Ray cluster, docs/scale.md; needs the [cluster] extra)"),
     "ray_address": (str, "", "with engine ray: the cluster to join (host:port of `ray start --head`); empty: a Ray instance on this machine"),
@@ -94,6 +95,7 @@ class AppSettings:
     device: str
     budget_minutes: float
     budget_confidence: float
+    audit_stacks: int
     checkout_minutes: float
     idle_limit_seconds: float
     unscored_stack_minutes: float
@@ -144,6 +146,8 @@ class AppSettings:
                 raise ConfError(f"--conf {name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.budget_confidence < 1.0:
             raise ConfError(f"--conf budget_confidence must be strictly between 0 and 1, got {self.budget_confidence}")
+        if self.audit_stacks < 0:
+            raise ConfError(f"--conf audit_stacks must be 0 or more stacks, got {self.audit_stacks}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfError(f"--conf overlap must be in [0, 1), got {self.overlap}")
         try:

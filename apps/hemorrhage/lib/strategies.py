@@ -1,9 +1,10 @@
 """Active-learning strategies: a budgeted worklist and the next stack for the asking annotator.
 
 Each strategy ranks the unlabeled stacks that nobody else holds, picks a worklist whose total time stays
-within the budget with the asked confidence (`ichal.selection`, `ichal.time_intervals`), checks its first
-free stack out to the client and logs that it was served with what the app knew. The client's next
-request with the same strategy, budget and confidence continues that worklist until it is labeled.
+within the budget with the asked confidence (`ichal.selection`, `ichal.time_intervals`), audit stacks drawn
+at random included, checks its first free stack out to the client and logs that it was served with what
+the app knew. The client's next request with the same strategy, budget, confidence and audit stacks
+continues that worklist until it is labeled.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from ichal.selection import (
     Selection,
     acft_select,
     cold_start_select,
+    draw_audit_stacks,
     knapsack_select,
     random_select,
+    select_with_audits,
     uncertainty_select,
 )
 
@@ -62,6 +65,26 @@ def confidence_from(request: dict, default: float) -> float:
         raise client_error(f"confidence must be a probability strictly between 0 and 1 (e.g. 0.8), got {raw!r}") from None
 
 
+def audit_stacks_from(request: dict, default: int) -> int:
+    """How many random audit stacks a worklist includes, from `audit_stacks` (a whole number >= 0); 400 otherwise."""
+    raw = request.get("audit_stacks", default)
+    if isinstance(raw, str) and raw.strip().isdigit():
+        raw = int(raw)
+    # bool is an int in Python: `true` would silently mean 1 stack.
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise client_error(f"audit_stacks must be a whole number of stacks, 0 or more (0: no audit), got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class WorklistRequest:
+    """What a worklist request asks for; a request asking the same continues the client's open worklist."""
+
+    budget_seconds: float
+    confidence: float
+    audit_stacks: int
+
+
 @dataclass(frozen=True)
 class TimeEstimate:
     """Per-stack labeling seconds: median, expected (bias-corrected mean), and the central interval;
@@ -96,7 +119,8 @@ class BudgetedStrategy(Strategy):
 
     def info(self) -> dict:
         # `config` is what clients that show per-task options (e.g. 3D Slicer's Options section) offer to edit.
-        return {**super().info(), "config": {"budget_minutes": self.context.settings.budget_minutes}}
+        s = self.context.settings
+        return {**super().info(), "config": {"budget_minutes": s.budget_minutes, "audit_stacks": s.audit_stacks}}
 
     # Annotators asking at the same moment get similar worklists; one that loses every stack of its worklist
     # to the others between ranking and check-out ranks again (without this, 1 of 8 benchmark annotators
@@ -104,94 +128,112 @@ class BudgetedStrategy(Strategy):
     CLAIM_ATTEMPTS = 5
 
     def __call__(self, request: dict, datastore: Any) -> dict:
-        budget_seconds = budget_seconds_from(request, self.context.settings.budget_minutes)
-        confidence = confidence_from(request, self.context.settings.budget_confidence)
+        s = self.context.settings
+        asked = WorklistRequest(budget_seconds_from(request, s.budget_minutes), confidence_from(request, s.budget_confidence),
+                                audit_stacks_from(request, s.audit_stacks))
         client = str(request.get("client_id") or "anonymous")
         for _ in range(self.CLAIM_ATTEMPTS):
-            answer = self._serve(client, budget_seconds, confidence, datastore)
+            answer = self._serve(client, asked, datastore)
             if answer is not None:
                 return answer
         raise client_error("every stack of your worklist was just taken by other annotators: ask again", status=409)
 
-    def _serve(self, client: str, budget_seconds: float, confidence: float, datastore: Any) -> dict | None:
+    def _serve(self, client: str, asked: WorklistRequest, datastore: Any) -> dict | None:
         """The client's open worklist continued, or a new one picked: check its first free unlabeled stack
         out to `client`; the answer. {} when no unlabeled stack is free; None when others took every
         stack of a new worklist meanwhile."""
         datastore.reload()
-        worklist = self._open_worklist(client, budget_seconds, confidence)
+        worklist = self._open_worklist(client, asked)
         if worklist is not None:
             answer = self._claim(client, worklist, datastore)
             if answer is not None:
                 return answer
-        worklist = self._new_worklist(client, budget_seconds, confidence, datastore)
+        worklist = self._new_worklist(client, asked, datastore)
         return worklist if not worklist else self._claim(client, worklist, datastore)
 
-    def _open_worklist(self, client: str, budget_seconds: float, confidence: float) -> dict | None:
+    def _open_worklist(self, client: str, asked: WorklistRequest) -> dict | None:
         """The worklist last served to `client` when this request asks for the same one (strategy, budget,
-        confidence): a worklist is worked through as promised, so its total can be checked against the
-        measured minutes (`/info/` time_model.calibration). A different request starts a new worklist."""
+        confidence, audit stacks): a worklist is worked through as promised, so its total can be checked
+        against the measured minutes (`/info/` time_model.calibration). A different request starts a new worklist."""
         last = self.context.state.latest_serve(client)
         worklist = (last or {}).get("worklist")
-        if not worklist or (worklist["strategy"], worklist["budget_seconds"], worklist["confidence"]) != (
-                self.name, budget_seconds, confidence):
+        # A worklist served before audit stacks existed has no `audit_stacks`: it is not continued.
+        if not worklist or (worklist["strategy"], worklist["budget_seconds"], worklist["confidence"],
+                            worklist.get("audit_stacks")) != (self.name, asked.budget_seconds, asked.confidence, asked.audit_stacks):
             return None
         return worklist
 
-    def _new_worklist(self, client: str, budget_seconds: float, confidence: float, datastore: Any) -> dict:
+    def _new_worklist(self, client: str, asked: WorklistRequest, datastore: Any) -> dict:
         """Rank the unlabeled stacks nobody else holds and pick a worklist whose total stays within the
-        budget with probability `confidence`; {} when no unlabeled stack is free."""
+        budget with probability `confidence`: `asked.audit_stacks` of them drawn uniformly at random from
+        all those stacks (fewer when they do not fit), the strategy's picks under the budget left; {} when
+        no unlabeled stack is free."""
         held = self.context.checkouts.held_by_others(client)
-        ids = sorted(i for i in datastore.get_unlabeled_images() if i not in held)
-        if not ids:
+        free = sorted(i for i in datastore.get_unlabeled_images() if i not in held)
+        if not free:
             return {}
         model = self.context.load_model()
-        scores = current_scores(datastore, ids, model)
-        unscored = [i for i in ids if i not in scores]
+        scores = current_scores(datastore, free, model)
+        unscored = [i for i in free if i not in scores]
+        # Drawn before the strategy looks: an audit stack must be random, not one the committee would pick.
+        drawn = draw_audit_stacks(len(free), asked.audit_stacks, self.context.settings.seed, self.context.state.serves_recorded())
+        audit_ids = [free[i] for i in drawn]
+        candidates = [i for i in free if i not in audit_ids]
         if self.NEEDS_SCORES[self.name]:
-            ids = [i for i in ids if i in scores]
-            if not ids:
+            if not scores:
                 remedy = ("the committee is scoring the pool now: ask again in a minute" if scoring_in_progress() else
                           "no unlabeled stack is scored by the current model yet: train (POST /train/hemorrhage), "
                           "score (POST /scoring/committee)")
                 raise client_error(f"strategy '{self.name}' needs committee scores and {remedy}, or use 'cold_start'",
                                    status=409)
-        estimate = self._time_estimate(ids, scores, confidence)
+            candidates = [i for i in candidates if i in scores]
+        ids = audit_ids + candidates  # the audits are indices 0 .. len(audit_ids) - 1
+        estimate = self._time_estimate(ids, scores, asked.confidence)
         values = np.array([scores[i]["value"] if i in scores else 0.0 for i in ids])
 
+        def select_rest(rest: np.ndarray, times: np.ndarray, budget: float) -> np.ndarray:
+            return self._select([ids[k] for k in rest], values[rest], times, budget, datastore).indices
+
         def select(times: np.ndarray, budget: float) -> np.ndarray:
-            return np.asarray(self._select(ids, values, times, budget, datastore).indices, dtype=int)
+            return select_with_audits(times, budget, np.arange(len(audit_ids)), select_rest)
 
         picked, _, total_high = select_within_budget_at_confidence(
-            select, estimate.median_seconds, budget_seconds, estimate.errors, confidence, seed=self.context.settings.seed)
+            select, estimate.median_seconds, asked.budget_seconds, estimate.errors, asked.confidence,
+            seed=self.context.settings.seed)
         if not len(picked):
             quickest = float(estimate.high_seconds.min()) / 60
             raise client_error(
-                f"no unlabeled stack fits a budget of {budget_seconds / 60:.1f} min at confidence {confidence}: the "
-                f"quickest may take up to {quickest:.1f} min; raise budget_minutes or lower confidence",
+                f"no unlabeled stack fits a budget of {asked.budget_seconds / 60:.1f} min at confidence {asked.confidence}: "
+                f"the quickest may take up to {quickest:.1f} min; raise budget_minutes or lower confidence",
                 status=422,
             )
         time_model_source = self.context.time_model().describe()["source"]
         return {
             "id": uuid.uuid4().hex,
             "strategy": self.name,
-            "budget_seconds": budget_seconds,
-            "confidence": confidence,
+            "budget_seconds": asked.budget_seconds,
+            "confidence": asked.confidence,
+            "audit_stacks": asked.audit_stacks,
+            "committee_version": None if model is None else model.meta["version"],
             "predicted_seconds": float(estimate.expected_seconds[picked].sum()),
             "high_seconds": total_high,
             "time_model_source": time_model_source,
             "interval_source": "measured" if estimate.errors.empirical else "prior",
             "unscored": len(unscored),
-            "items": [self._item(ids[i], scores, estimate, i, float(values[i])) for i in picked],
+            "items": [self._item(ids[i], scores, estimate, i, float(values[i]), audit=i < len(audit_ids)) for i in picked.tolist()],
         }
 
     @staticmethod
-    def _item(image_id: str, scores: dict[str, dict], estimate: "TimeEstimate", index: int, value: float) -> dict:
+    def _item(image_id: str, scores: dict[str, dict], estimate: "TimeEstimate", index: int, value: float,
+              audit: bool) -> dict:
         """One worklist stack as the app saw it when it picked it: kept with its serve and joined to the
         measured seconds at save (issue 17: the time model learns from what it sees at pick time)."""
         score = scores.get(image_id, {})
         return {
             "id": image_id,
             "value": value,
+            # Drawn at random, not picked: withheld from the next training, scored before and after it.
+            "audit": audit,
             "model_version": score.get("model_version"),
             "predicted_boundary_mm": score.get("boundary_mm"),
             "predicted_n_components": score.get("n_components"),
@@ -228,6 +270,10 @@ class BudgetedStrategy(Strategy):
                 "strategy": self.name, "budget_seconds": worklist["budget_seconds"], "confidence": worklist["confidence"],
                 "time_model_source": worklist["time_model_source"], "worklist": worklist,
             })
+            if item["audit"]:
+                self.context.state.record_audit_serve(next_id, served.ts, worklist["committee_version"], client, worklist["id"])
+            else:
+                self.context.state.forget_withheld_audit(next_id)
         return {
             "id": next_id,
             "strategy": self.name,
@@ -236,7 +282,7 @@ class BudgetedStrategy(Strategy):
             "worklist_id": worklist["id"],
             # The stacks of the worklist still to label, this one included.
             "worklist": [
-                {"id": item["id"], "value": item["value"]} | {
+                {"id": item["id"], "value": item["value"], "audit": item["audit"]} | {
                     name: round(item[f"predicted_{key}"] / 60.0, 2)
                     for name, key in (("predicted_minutes", "seconds"), ("predicted_minutes_low", "seconds_low"),
                                       ("predicted_minutes_high", "seconds_high"))}

@@ -1,5 +1,6 @@
-"""Train task: the committee on every stack with a final label, in the background (MONAI Label runs it
-as a subprocess). The new ensemble replaces the old one only when training completes (atomic save)."""
+"""Train task: the committee on every stack with a final label but the withheld audit stacks, in the
+background (MONAI Label runs it as a subprocess). The new ensemble replaces the old one only when training
+completes (atomic save); then the old and new committees are scored on the audit stacks it was not trained on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ichal.ensemble import save_ensemble
 from ichal.io import read_nifti
-from ichal.prequential import batch_metrics, trained_hours
+from ichal.prequential import audit_point, batch_metrics, trained_hours
 from ichal.train import MODES, TrainItem, TrainSettings, train_ensemble
 
 from .context import AppContext
@@ -77,16 +79,19 @@ class EnsembleTrain(TrainTask):
         labeled = sorted(datastore.get_labeled_images())
         if not labeled:
             raise client_error("no stack has a final label yet: save at least one label before training", 409)
-        previous = self.context.load_model() if mode == "continual" else None
+        current = self.context.load_model()
+        previous = current if mode == "continual" else None
         if mode == "continual" and previous is None:
             logger.info("continual training asked for but no model exists: training from scratch")
             mode = "retrain"
-        items = []
-        for image_id in labeled:
-            image = read_nifti(datastore.get_image_uri(image_id))
-            label = read_nifti(datastore.get_label_uri(image_id, "final"))
-            items.append(TrainItem(image_id, image.array, label.array, image.spacing_mm))
-        current = self.context.load_model()
+        # Labeled audit stacks wait for a committee trained without them. Before the first committee there is
+        # none to compare with: they are trained on, and released with the first committee.
+        audit_ids = sorted(set(labeled) & {a["image"] for a in self.context.state.audits("withheld")})
+        withheld = audit_ids if current is not None else []
+        items = [self._train_item(datastore, image_id) for image_id in labeled if image_id not in withheld]
+        if not items:
+            raise client_error(f"every labeled stack is an audit stack withheld until a committee trained without "
+                               f"it scores it ({len(withheld)}): label a worklist's other stacks before training", 409)
         if current is not None:
             self._score_new_batch(current, items)
         settings = TrainSettings(
@@ -99,7 +104,8 @@ class EnsembleTrain(TrainTask):
         # server) finds another run_id at its commit and discards its model instead of replacing a newer one.
         # A fresh document, not a merge: a failing run must not show the previous run's version and metrics.
         self.context.train_status.update(lambda _: {"state": "RUNNING", "run_id": run_id, "mode": mode, "stacks": len(items),
-                                                    "started": started, "pid": os.getpid(), "error": None, "progress": None})
+                                                    "withheld_audit_stacks": len(withheld), "started": started,
+                                                    "pid": os.getpid(), "error": None, "progress": None})
         last_report = [0.0]
 
         def progress(event: dict) -> None:
@@ -125,20 +131,47 @@ class EnsembleTrain(TrainTask):
             candidate.unlink(missing_ok=True)
             self._status({"state": "FAILED", "error": str(error), "ended": time.time()}, run_id)
             raise
-        result = {"state": "DONE", "mode": mode, "stacks": len(items), "version": model.meta.get("version"),
+        result = {"state": "DONE", "mode": mode, "stacks": len(items), "withheld_audit_stacks": len(withheld),
+                  "version": model.meta.get("version"),
                   "seconds": round(time.time() - started, 1), "metrics": model.meta.get("metrics", {}), "ended": time.time(), "progress": None}
         if not self._commit(candidate, run_id, result):
             logger.warning(f"training run {run_id[:8]} was superseded by a newer run: its model is discarded")
             return {**result, "state": "SUPERSEDED"}
+        if withheld:
+            self._score_audits(current, model, [self._train_item(datastore, image_id) for image_id in withheld])
+        self.context.state.release_audits(audit_ids, model.meta["version"])
         return result
+
+    @staticmethod
+    def _train_item(datastore: Any, image_id: str) -> TrainItem:
+        """Stack `image_id` with its final label."""
+        image = read_nifti(datastore.get_image_uri(image_id))
+        label = read_nifti(datastore.get_label_uri(image_id, "final"))
+        return TrainItem(image_id, image.array, label.array, image.spacing_mm)
+
+    def _score_audits(self, old: Any, new: Any, audit_stacks: list[TrainItem]) -> None:
+        """One audit point (issue 20): committee `old` (serving when the training started) and `new` (trained
+        without `audit_stacks`) scored on them, stored with their paired gains. Reviewed machine labels are
+        left out: the old committee drew them itself."""
+        reviewed = {record["image"] for record in self.context.state.review_times()}
+        scored = [item for item in audit_stacks if item.id not in reviewed]
+        if not scored:
+            return
+        s = self.context.settings
+        point = audit_point(old, new, scored, self.context.label_times.read(), device=s.device, overlap=s.overlap)
+        self.context.state.save_audit_point({**asdict(point), "gains": point.gains(), "images": [item.id for item in scored]})
+        logger.info(f"audit point: {point.old_version[:12]} -> {point.new_version[:12]} on {len(scored)} audit stacks: "
+                    f"gains {point.gains()}")
 
     def _score_new_batch(self, model: Any, items: list[TrainItem]) -> None:
         """One point of the prequential curve (issue 20): the serving committee scored on the labels saved
         since it was trained, before they are trained on. Reviewed machine labels are left out: the
-        committee drew them itself."""
+        committee drew them itself; so are audit stacks, withheld or released: drawn at random, not picked."""
         seen = set(model.meta["train_ids"])
         reviewed = {record["image"] for record in self.context.state.review_times()}
-        batch = [item for item in items if item.id not in seen and item.id not in reviewed]
+        audits = {record["image"] for record in self.context.state.audits()}
+        left_out = seen | reviewed | audits
+        batch = [item for item in items if item.id not in left_out]
         if not batch:
             return
         hours, unmeasured = trained_hours(self.context.label_times.read(), seen)
