@@ -91,6 +91,14 @@ def test_a_client_asking_again_keeps_its_own_stack(tmp_path):
     assert registry.checkout_first_free("a", ["ct_1"], now=5) == "ct_1"
 
 
+def test_a_client_served_another_stack_releases_the_one_it_held(tmp_path):
+    registry = CheckoutRegistry(StateDB.open(tmp_path), expiry_seconds=60)
+    assert registry.checkout_first_free("a", ["ct_1"], now=0) == "ct_1"
+    assert registry.checkout_first_free("a", ["ct_2"], now=5) == "ct_2"  # e.g. a new worklist asked for
+    assert registry.held_by_others("b", now=6) == {"ct_2"}
+    assert registry.checkout_first_free("b", ["ct_1", "ct_2"], now=7) == "ct_1"
+
+
 def test_events_of_one_client_on_one_image(tmp_path):
     log = EventLog(StateDB.open(tmp_path))
     for client, image, kind in [("a", "ct_1", "served"), ("b", "ct_1", "served"), ("a", "ct_2", "served"), ("a", "ct_1", "saved")]:

@@ -364,12 +364,15 @@ class StateDB:
 
     def claim_first_free(self, client: str, candidates: list[str], now: float, expiry_seconds: float) -> str | None:
         """In one transaction: drop expired check-outs and check out to `client` the first candidate
-        nobody else holds (or `client` already holds); None if all are held by others."""
+        nobody else holds (or `client` already holds); None if all are held by others. An annotator has one
+        stack in hand: the stack served before, if still held, is released (asking for another worklist
+        would otherwise keep it from everyone until the check-out expires)."""
         with self.transaction() as connection:
             connection.execute("DELETE FROM checkouts WHERE ? - ts >= ?", (now, expiry_seconds))
             for image in candidates:
                 row = connection.execute("SELECT client FROM checkouts WHERE image = ?", (image,)).fetchone()
                 if row is None or row[0] == client:
+                    connection.execute("DELETE FROM checkouts WHERE client = ? AND image != ?", (client, image))
                     connection.execute("INSERT OR REPLACE INTO checkouts (image, client, ts) VALUES (?, ?, ?)",
                                        (image, client, now))
                     return image
