@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ichal.ensemble import load_ensemble, predict_stack
-from ichal.experiment import ExperimentConfig, _seed_data, load_records
+from ichal.experiment import ExperimentConfig, _seed_data, load_records, saved_config
 from ichal.experiment_hours import hours_to_reach
 from ichal.learning_curve import CURVE_METRICS, CurvePoint, StoppingRule, stopping_advice
 from ichal.metrics import DetectionEvaluator
@@ -155,8 +155,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="reread OUT/audit_gain.jsonl instead of scoring")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    saved = json.loads((args.run / "hours_config.json").read_text())
-    config = ExperimentConfig(**{k: v for k, v in saved.items() if k != "data_fingerprint"})
+    config = saved_config(args.run, "hours")
     sizes = sorted(args.sizes)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "audit_gain.jsonl"

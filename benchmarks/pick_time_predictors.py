@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ichal.cost import LabelTimeModel, MaskFeatures, mask_features
 from ichal.ensemble import load_ensemble, predict_stack
-from ichal.experiment import ExperimentConfig, make_data
+from ichal.experiment import ExperimentConfig, make_data, saved_config
 from ichal.config import DEFAULT_CONFIG
 from ichal.metrics import stack_score
 
@@ -107,11 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the summary here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    saved = json.loads((args.run / "cost_config.json").read_text())
-    fingerprint = saved.pop("data_fingerprint")
-    config = ExperimentConfig(**saved)
+    config = saved_config(args.run, "cost")
     data = make_data(config, progress=False)
-    if data.fingerprint() != fingerprint:
+    if data.fingerprint() != json.loads((args.run / "cost_config.json").read_text())["data_fingerprint"]:
         sys.exit(f"{args.run}: the generator now gives other stacks than this run saw (fingerprint differs)")
     cells = []
     for seed_dir in sorted((args.run / "cost").glob("seed*")):

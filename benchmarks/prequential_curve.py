@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ichal.ensemble import load_ensemble
-from ichal.experiment import CONFIGS, ExperimentConfig, _seed_data, load_records, run_protocol
+from ichal.experiment import CONFIGS, ExperimentConfig, _seed_data, load_records, run_protocol, saved_config
 from ichal.experiment_hours import hours_to_reach
 from ichal.learning_curve import CURVE_METRICS, CurvePoint, StoppingRule, stopping_advice
 from ichal.prequential import batch_metrics
@@ -153,8 +153,7 @@ def main() -> None:
         config = dataclasses.replace(CONFIGS["hours"], iterations=args.iterations, rounds=args.rounds,
                                      hours_budget_fraction=args.budget_fraction)
         run_protocol("hours", config, args.run, args.seeds, resume=True, methods=args.methods, workers=args.workers)
-    saved = json.loads((args.run / "hours_config.json").read_text())
-    config = ExperimentConfig(**{k: v for k, v in saved.items() if k != "data_fingerprint"})
+    config = saved_config(args.run, "hours")
     rule = StoppingRule(window=args.window, min_gain_per_hour=args.min_gain_per_hour)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [row for seed in args.seeds for row in batch_points(args.run, config, seed, args.methods)]

@@ -702,6 +702,14 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
     return load_records(out, protocol)
 
 
+def saved_config(out: str | Path, protocol: str) -> ExperimentConfig:
+    """The config a run in `out` was started with (OUT/<protocol>_config.json, without its data fingerprint)."""
+    saved = _read_json(Path(out) / f"{protocol}_config.json")
+    if saved is None:
+        raise ExperimentError(f"{out} holds no {protocol} run: {protocol}_config.json is missing")
+    return ExperimentConfig(**{k: v for k, v in saved.items() if k != "data_fingerprint"})
+
+
 def load_records(out: str | Path, protocol: str) -> list[dict]:
     """All finished cell records of `protocol` under `out`; round 0 is repeated once per method that ran."""
     root = Path(out) / protocol
