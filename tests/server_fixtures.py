@@ -11,7 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import requests
+
+from ichal.phantom import write_pool
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "hemorrhage"
@@ -72,6 +75,30 @@ def running_server(studies: str | Path, conf: dict[str, str], log_path: Path, ti
         yield url
     finally:
         stop_group(process)
+
+
+def generated_pool_fixture(count: int, seed: int, labeled_count: int, size: int = 64):
+    """A module-scoped fixture: a pool folder of `count` generated stacks, the first `labeled_count` labeled."""
+
+    @pytest.fixture(scope="module")
+    def pool(tmp_path_factory) -> Path:
+        root = tmp_path_factory.mktemp("pool")
+        write_pool(root, count=count, size=size, seed=seed, labeled_count=labeled_count, progress=False)
+        return root
+
+    return pool
+
+
+def server_fixture(conf: dict[str, str]):
+    """A module-scoped fixture: the base URL of a server with `conf` on the module's `pool` fixture."""
+
+    @pytest.fixture(scope="module")
+    def server(pool, tmp_path_factory):
+        log = tmp_path_factory.mktemp("log") / "server.log"
+        with running_server(pool, conf, log) as url:
+            yield url
+
+    return server
 
 
 def stop_group(process: subprocess.Popen) -> None:

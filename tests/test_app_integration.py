@@ -20,7 +20,7 @@ from monailabel.client.client import MONAILabelClientException
 
 from ichal.phantom import write_pool
 from ichal.state import StateDB
-from server_fixtures import running_server, wait_for
+from server_fixtures import generated_pool_fixture, running_server, server_fixture, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,18 +28,8 @@ CONF = {"ensemble_size": "2", "train_iterations": "4", "train_batch_size": "4", 
         "checkout_minutes": "30", "train_lookalike_fraction": "1.0", "train_hard_negative_fraction": "0.5"}
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pool")
-    write_pool(root, count=10, size=64, seed=11, labeled_count=3, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(pool, tmp_path_factory):
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    with running_server(pool, CONF, log) as url:
-        yield url
+pool = generated_pool_fixture(count=10, seed=11, labeled_count=3)
+server = server_fixture(CONF)
 
 
 def labeled_ids(pool: Path) -> set[str]:

@@ -11,9 +11,8 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from ichal.phantom import write_pool
 from ichal.state import StateDB
-from server_fixtures import running_server, wait_for
+from server_fixtures import generated_pool_fixture, server_fixture, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -22,18 +21,8 @@ CONF = {"ensemble_size": "2", "train_iterations": "4", "train_batch_size": "4", 
 REQUEST = {"budget_minutes": 120}
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pool")
-    write_pool(root, count=12, size=64, seed=5, labeled_count=3, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(pool, tmp_path_factory):
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    with running_server(pool, CONF, log) as url:
-        yield url
+pool = generated_pool_fixture(count=12, seed=5, labeled_count=3)
+server = server_fixture(CONF)
 
 
 @pytest.fixture(scope="module")

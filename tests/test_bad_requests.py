@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import requests
 
-from ichal.phantom import write_pool
-from server_fixtures import running_server, wait_for
+from server_fixtures import generated_pool_fixture, running_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +29,7 @@ UNLABELED = "ct_0005"
 LABELED = "ct_0000"
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pool")
-    write_pool(root, count=6, size=64, seed=5, labeled_count=2, progress=False)
-    return root
+pool = generated_pool_fixture(count=6, seed=5, labeled_count=2)
 
 
 @pytest.fixture(scope="module")
