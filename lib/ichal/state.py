@@ -171,6 +171,14 @@ class _LegacyRows:
     paths: list[Path]
 
 
+def _beyond_columns(record: dict[str, Any], columns: tuple[str, ...], what: str) -> dict[str, Any]:
+    """The keys of `record` that have no column of their own (kept as JSON); ValueError naming any missing column."""
+    missing = [key for key in columns if key not in record]
+    if missing:
+        raise ValueError(f"{what} {record} lacks {missing}")
+    return {key: value for key, value in record.items() if key not in columns}
+
+
 class StateDB:
     """The app's durable state in one SQLite file, safe for several threads and processes at once.
 
@@ -337,10 +345,7 @@ class StateDB:
         `record` needs the keys image, client, started, saved, seconds, boundary_mm, n_components;
         any other keys are kept in `extra`.
         """
-        missing = [key for key in _LABEL_TIME_COLUMNS if key not in record]
-        if missing:
-            raise ValueError(f"label time record {record} lacks {missing}")
-        extra = {key: value for key, value in record.items() if key not in _LABEL_TIME_COLUMNS}
+        extra = _beyond_columns(record, _LABEL_TIME_COLUMNS, "label time record")
         with self.transaction() as connection:
             connection.execute(
                 "INSERT INTO label_times (image, client, started, saved, seconds, boundary_mm, n_components, extra) "
@@ -464,10 +469,7 @@ class StateDB:
     def save_audit_point(self, record: dict[str, Any], ts: float | None = None) -> None:
         """Store one training's paired test (keys new_version, old_version, old_hours, new_hours, stacks; any
         others, e.g. metrics and image ids, in `document`); a second one of the same new committee replaces it."""
-        missing = [key for key in _AUDIT_POINT_COLUMNS if key != "ts" and key not in record]
-        if missing:
-            raise ValueError(f"audit point {record} lacks {missing}")
-        document = {key: value for key, value in record.items() if key not in _AUDIT_POINT_COLUMNS}
+        document = _beyond_columns(record, tuple(key for key in _AUDIT_POINT_COLUMNS if key != "ts"), "audit point")
         with self.transaction() as connection:
             connection.execute(
                 "INSERT OR REPLACE INTO audit_points (new_version, ts, old_version, old_hours, new_hours, stacks, document) "
