@@ -283,3 +283,13 @@ def test_request_threads_never_see_a_half_loaded_datastore(tmp_path):
             thread.join()
         sys.setswitchinterval(interval)
     assert outside == []
+
+
+@pytest.mark.parametrize("key, raw, words", [
+    ("audit_stacks", "-1", "audit_stacks must be 0 or more"), ("audit_stacks", "two", "audit_stacks 'two'"),
+    ("budget_confidence", "1.5", "budget_confidence must be strictly between"), ("stop_window", "2", "window must be at least 3"),
+    ("overlap", "1.0", "overlap must be in"), ("train_hard_negative_fraction", "2", "train_hard_negative_fraction must be in")])
+def test_a_bad_conf_value_stops_the_app_naming_it(tmp_path, key, raw, words):
+    with pytest.raises(ConfError, match=words):
+        AppSettings.from_conf({key: raw}, str(tmp_path))
+    AppSettings.from_conf({}, str(tmp_path))  # the defaults are valid
