@@ -12,7 +12,8 @@ Predictors (all but the `oracle_*` rows use only what the app knows when it pick
 - `mixture`: the stack score p (`ichal.metrics.stack_score`) as the chance of a bleed; p x seconds of the
   committee's mask (or, when it calls nothing, of the median labeled bleed) + (1 - p) x seconds of an empty
   stack (the time model at B = M = 0).
-- `oracle_presence`: `mixture` with p = 1 for a true bleed, else 0 (a perfect stack classifier).
+- `oracle_presence`: a perfect stack classifier, p = 1 for a true bleed, else 0; a bleed's seconds are the larger
+  of the committee mask's and the median labeled bleed's (a called-nothing mask gives the latter).
 - `oracle_mask`: the time model on the TRUE mask (the ceiling of any mask-based predictor).
 
     python benchmarks/pick_time_predictors.py --run docs/results/cal17_quick_hardneg ... (needs the run's
@@ -40,7 +41,7 @@ from ichal.metrics import stack_score
 PREDICTORS = ("raw", "constant", "mixture", "oracle_presence", "oracle_mask")
 
 
-def mixture_seconds(p_bleed: np.ndarray, bleed_seconds: np.ndarray, empty_seconds: float) -> np.ndarray:
+def mixture_seconds(p_bleed: float, bleed_seconds: float, empty_seconds: float) -> float:
     """Expected seconds when a stack holds a bleed (taking `bleed_seconds`) with probability `p_bleed`."""
     return p_bleed * bleed_seconds + (1.0 - p_bleed) * empty_seconds
 
@@ -72,10 +73,9 @@ def committee_rows(config: ExperimentConfig, data, checkpoint: Path, labeled: li
             "id": stack_id, "true_seconds": true_seconds[stack_id], "true_bleed": int(has_bleed),
             "stack_score": p, "pred_boundary_mm": features.boundary_mm, "pred_components": features.n_components,
             "raw": raw, "constant": constant,
-            "mixture": float(mixture_seconds(np.array(p), np.array(bleed_seconds), empty_seconds)),
-            "oracle_presence": float(mixture_seconds(np.array(has_bleed),
-                                                     np.array(max(raw, typical_bleed_seconds) if features.n_components
-                                                              else typical_bleed_seconds), empty_seconds)),
+            "mixture": mixture_seconds(p, bleed_seconds, empty_seconds),
+            "oracle_presence": mixture_seconds(has_bleed, max(raw, typical_bleed_seconds) if features.n_components
+                                               else typical_bleed_seconds, empty_seconds),
             "oracle_mask": float(time_model.predict([data.true_features[stack_id]])[0]),
         })
     return rows
