@@ -136,6 +136,9 @@ def test_resuming_refuses_a_different_config_or_pool(cost_run, data):
     with pytest.raises(ExperimentError, match="data_fingerprint"):
         run_protocol("cost", MINI, out, [0], resume=True, data=changed, progress=False)
     assert load_records(out, "cost") == records
+    # Where a run computes is not part of what it computes: a run started elsewhere resumes here.
+    assert run_protocol("cost", dataclasses.replace(MINI, device="cuda"), out, [0], resume=True, data=data,
+                        progress=False) == records
 
 
 def test_foreground_random_takes_predicted_positives_first():
@@ -162,6 +165,15 @@ def test_cli_rejects_a_round_count_below_one(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["cost", "--out", str(tmp_path), "--lookalike-fraction", "1.5", "--seeds", "0"])
     assert "lookalike_fraction must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a rejected run wrote into its folder"
+
+
+def test_cli_refuses_cuda_where_torch_sees_none(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["hours", "--device", "cuda"], ["cost", "--config", "full"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", str(tmp_path), "--seeds", "0"])
+        assert "torch sees no CUDA device" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "a rejected run wrote into its folder"
 
 

@@ -528,6 +528,10 @@ class _Run:
             model_path = self.cell_dir(seed, method) / f"round{round_index}.pt"
 
 
+# Config fields that say where a run computes, not what: a resumed run may change them.
+RUNTIME_FIELDS = ("device",)
+
+
 def _check_out_dir(out: Path, protocol: str, config: ExperimentConfig, data: Data | None, resume: bool) -> None:
     """Write OUT/<protocol>_config.json (config, + the data fingerprint when seeds share the data), or check it
     matches when resuming. Per-seed data (`hours`) is checked by `_seed_data`."""
@@ -535,6 +539,8 @@ def _check_out_dir(out: Path, protocol: str, config: ExperimentConfig, data: Dat
     wanted = dataclasses.asdict(config) | ({"data_fingerprint": data.fingerprint()} if data is not None
                                            else {"data_fingerprint": "per seed: <protocol>/seed<s>/data.json"})
     existing = _read_json(path)
+    if existing is not None:  # where it runs is not what it computes: a run started on a GPU may resume on CPUs
+        existing |= {name: wanted[name] for name in RUNTIME_FIELDS}
     if existing is not None and not resume:
         raise ExperimentError(f"{out} already holds a {protocol} run; pass --resume to continue it or choose "
                               "another --out")
@@ -744,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hard-negative-fraction", type=float,
                         help=f"share of negative training patches on the member's own false positives (default {TrainSettings.hard_negative_fraction})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per worker)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="where training and prediction run (default: the config's); a run may resume on another")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes running seeds' shared cells and (seed, method) round chains in parallel")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -765,6 +773,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(config, lookalike_fraction=args.lookalike_fraction)
         if args.hard_negative_fraction is not None:
             config = dataclasses.replace(config, hard_negative_fraction=args.hard_negative_fraction)
+        if args.device is not None:
+            config = dataclasses.replace(config, device=args.device)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ExperimentError(f"config {config.name!r} runs on device cuda, but torch sees no CUDA device; "
+                                  "pass --device cpu")
         if args.seed_fraction is not None:
             field = f"{args.protocol}_seed_fraction"
             config = dataclasses.replace(config, **{field: args.seed_fraction})
