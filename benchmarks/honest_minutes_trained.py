@@ -38,13 +38,13 @@ from ichal.phantom import generate_pool
 
 
 def batch_record(rep: int, method: str, round_index: int, indices: np.ndarray, medians: np.ndarray,
-                 mean_factor: float, high_total: float, interval: tuple[float, float], raw_log: np.ndarray,
+                 expected: np.ndarray, high_total: float, interval: tuple[float, float], raw_log: np.ndarray,
                  raw_mean_factor: float, true_seconds: np.ndarray, budget: float) -> dict:
     """What one budgeted worklist predicted and what it really took (all arrays over the unlabeled stacks)."""
     true_log = np.log(true_seconds)
     error = true_log - np.log(medians)
     picked_true = math.fsum(true_seconds[indices])
-    predicted = math.fsum(medians[indices]) * mean_factor
+    predicted = math.fsum(expected[indices])
     return {
         "rep": rep, "method": method, "round": round_index, "n_picked": int(len(indices)), "budget": budget,
         "predicted_seconds": predicted, "high_seconds": high_total, "true_seconds": picked_true,
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 indices, medians, high_total, errors = budget_at_confidence(
                     method, [scores[i] for i in unlabeled], raw_log, history, time_model.residual_std_, budget,
                     config, [rep, m, round_index], rep * 1000 + round_index)
-                batches.append(batch_record(rep, method, round_index, indices, medians, errors.mean_factor(),
+                batches.append(batch_record(rep, method, round_index, indices, medians, medians * errors.mean_factors(medians),
                                             high_total, errors.interval(args.confidence), raw_log, raw_mean_factor,
                                             true_seconds[unlabeled], budget))
                 picked = unlabeled[indices]

@@ -9,9 +9,18 @@ the strategy that picked the stack. Before the residuals are taken, the raw pred
 recalibrated by a line fit of log(measured) on log(predicted) (slope kept in [MIN_SLOPE, 1]): the
 intercept removes a young committee's systematic error, a slope below 1 shrinks predictions toward their
 mean, which counters the selection effect (a knapsack favours stacks whose time is under-predicted, so
-the further below the mean a prediction lies, the more it is likely to be too low). Intervals are
+the further below the mean a prediction lies, the more it is likely to be too low). Per-stack intervals are
 split-conformal quantiles of the recalibrated residuals; until `MIN_RESIDUALS` exist, no
 recalibration, and a lognormal with the time model's residual spread stands in.
+
+A batch total is not a sum of independent draws from those residuals: its stacks share one
+recalibration and one estimate of the error distribution, both fit on few residuals while a site is
+young (measured, docs/results.md: with 20 residuals the first worklists ran over budget 2-3 times as
+often as promised). So a batch's total is drawn from the posterior predictive of a normal log error
+whose mean and variance are unknown (normal-inverse-chi-square, one draw of them shared by the batch),
+fit for each stack on the residuals of the earlier stacks nearest in predicted time (a window of
+`window_share` of them): the error of a stack predicted to take 2 minutes differs from that of one
+predicted to take an hour, and a strategy picks from one end more than the other.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ MIN_SLOPE = 0.25
 BATCH_DRAWS = 4000
 MIN_DRAWS = 400
 MAX_DRAWN_VALUES = 100_000
+WINDOW_SHARE = 0.5
+MAX_DOUBLINGS = 40
 
 
 class IntervalError(ValueError):
@@ -44,12 +55,15 @@ def check_confidence(confidence: float) -> float:
 @dataclass(frozen=True)
 class LogErrorModel:
     """The distribution of log(measured / predicted median) seconds: empirical `residuals` when there
-    are at least MIN_RESIDUALS, else normal with standard deviation `fallback_std`."""
+    are at least MIN_RESIDUALS, else normal with standard deviation `fallback_std`. `predicted`: the
+    recalibrated predicted log-seconds the residuals belong to (same order), which place a stack's window."""
 
     residuals: np.ndarray
     fallback_std: float
     intercept: float = 0.0
     slope: float = 1.0
+    predicted: np.ndarray | None = None
+    window_share: float = WINDOW_SHARE
 
     @property
     def empirical(self) -> bool:
@@ -76,18 +90,39 @@ class LogErrorModel:
         tail = (1.0 - check_confidence(confidence)) / 2.0
         return self.quantile(tail), self.quantile(1.0 - tail)
 
-    def mean_factor(self) -> float:
-        """E[exp(error)]: median x this is the expected seconds (unbiased for batch sums), with the
-        served stacks' systematic error, e.g. a young committee's under-prediction, corrected."""
-        if self.empirical:
-            return float(np.exp(self.residuals).mean())
-        return math.exp(0.5 * self.fallback_std**2)
+    def window_residuals(self, median_seconds: np.ndarray) -> np.ndarray:
+        """For each stack (by its recalibrated median seconds), one row: the log errors of the k earlier stacks
+        predicted nearest to it, k = max(MIN_RESIDUALS, window_share x n). Needs `empirical`."""
+        located = np.log(np.asarray(median_seconds, dtype=np.float64))
+        centres = np.zeros(len(self.residuals)) if self.predicted is None else np.asarray(self.predicted, dtype=np.float64)
+        k = min(len(self.residuals), max(MIN_RESIDUALS, math.ceil(self.window_share * len(self.residuals))))
+        nearest = np.argsort(np.abs(located[:, None] - centres[None, :]), axis=1, kind="stable")[:, :k]
+        return self.residuals[nearest]
 
-    def draws(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-        """Independent log errors: resampled residuals when empirical, normal otherwise."""
-        if self.empirical:
-            return rng.choice(self.residuals, size=shape, replace=True)
-        return rng.normal(0.0, self.fallback_std, size=shape)
+    def mean_factors(self, median_seconds: np.ndarray) -> np.ndarray:
+        """E[exp(error)] per stack: median x this is the expected seconds (unbiased for batch sums), with the
+        systematic error of stacks predicted like it, e.g. a young committee's under-prediction, corrected.
+        The mean over the stack's window when empirical (not a lognormal's exp(mean + variance / 2): the
+        errors are skewed, bleed-free stacks far over-predicted, and that tail would inflate it)."""
+        medians = np.asarray(median_seconds, dtype=np.float64)
+        if not self.empirical:
+            return np.full(medians.shape, math.exp(0.5 * self.fallback_std**2))
+        return np.exp(self.window_residuals(medians)).mean(axis=1)
+
+    def total_draws(self, median_seconds: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
+        """`draws` samples of the batch's total seconds. Empirical: the posterior predictive of each stack's
+        window (normal log errors, unknown mean and variance, flat prior), with one chi-square and one normal
+        draw per sample shared by the batch, so the uncertainty of the fit moves the stacks together.
+        Otherwise independent normal errors of `fallback_std`."""
+        medians = np.asarray(median_seconds, dtype=np.float64)
+        if not self.empirical:
+            return (medians[None, :] * np.exp(rng.normal(0.0, self.fallback_std, size=(draws, medians.size)))).sum(axis=1)
+        window = self.window_residuals(medians)
+        mean, variance, k = window.mean(axis=1), window.var(axis=1, ddof=1), window.shape[1]
+        variances = (k - 1) * variance[None, :] / rng.chisquare(k - 1, size=(draws, 1))
+        means = mean[None, :] + np.sqrt(variances / k) * rng.standard_normal((draws, 1))
+        errors = means + np.sqrt(variances) * rng.standard_normal((draws, medians.size))
+        return (medians[None, :] * np.exp(errors)).sum(axis=1)
 
 
 def committee_pairs(records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,17 +186,18 @@ def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fal
     predicted_log = np.asarray(predicted_log, dtype=np.float64)
     measured_log = np.asarray(measured_log, dtype=np.float64)
     if len(predicted_log) < MIN_RESIDUALS:
-        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std), predicted=predicted_log)
     backtest = recalibration_backtest(predicted_log, measured_log)
     if backtest["n"] >= MIN_RESIDUALS and backtest["recalibrated_median_abs_log_error"] > backtest["raw_median_abs_log_error"]:
-        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std), predicted=predicted_log)
     intercept, slope = _line(predicted_log, measured_log)
-    return LogErrorModel(measured_log - (intercept + slope * predicted_log), float(fallback_std), intercept, slope)
+    adjusted = intercept + slope * predicted_log
+    return LogErrorModel(measured_log - adjusted, float(fallback_std), intercept, slope, adjusted)
 
 
 def batch_total_quantile(median_seconds: np.ndarray, errors: LogErrorModel, q: float,
                          rng: np.random.Generator, draws: int = BATCH_DRAWS) -> float:
-    """The q-quantile of a batch's total seconds: sum of median_i * exp(e_i), e_i independent draws."""
+    """The q-quantile of a batch's total seconds (`LogErrorModel.total_draws`)."""
     medians = np.asarray(median_seconds, dtype=np.float64)
     if medians.size == 0:
         return 0.0
@@ -170,8 +206,7 @@ def batch_total_quantile(median_seconds: np.ndarray, errors: LogErrorModel, q: f
     # Keep draws x stacks bounded: a large batch's total is concentrated (its sum averages many errors),
     # so fewer draws suffice, and a next-sample that bisects over batch sizes stays fast.
     draws = max(MIN_DRAWS, min(draws, MAX_DRAWN_VALUES // medians.size))
-    totals = (medians[None, :] * np.exp(errors.draws((draws, medians.size), rng))).sum(axis=1)
-    return float(np.quantile(totals, q))
+    return float(np.quantile(errors.total_draws(medians, draws, rng), q))
 
 
 def select_within_budget_at_confidence(
@@ -189,7 +224,8 @@ def select_within_budget_at_confidence(
     Returns (indices, f, the batch total's `confidence`-quantile). Bisection on f (a larger f picks less,
     so its quantile falls) until f is known within `tolerance`x. The bracket runs from half the median
     error factor (a large batch averages its errors) to twice a single stack's `confidence`-quantile
-    factor (the most any batch needs). One seed for the draws: the same inputs pick the same batch.
+    factor, doubled while even that batch does not fit. One seed for the draws: the same inputs pick the
+    same batch.
     """
     check_confidence(confidence)
     medians = np.asarray(median_seconds, dtype=np.float64)
@@ -200,8 +236,17 @@ def select_within_budget_at_confidence(
     low = 0.5 * min(1.0, math.exp(errors.quantile(0.5)))
     high = 2.0 * max(1.0, math.exp(errors.quantile(confidence)))
     best = np.asarray(select(medians * high, budget_seconds), dtype=int)
-    best_total, best_factor = high_total(best), high
-    if best_total > budget_seconds:
+    best_total = high_total(best)
+    # A stack in a wide window can need more than the pooled quantile: double until the batch fits (an
+    # empty one always does).
+    for _ in range(MAX_DOUBLINGS):
+        if best_total <= budget_seconds:
+            break
+        low, high = high, 2.0 * high
+        best = np.asarray(select(medians * high, budget_seconds), dtype=int)
+        best_total = high_total(best)
+    best_factor = high
+    if best_total > budget_seconds:  # only for a `select` that ignores its budget
         return np.asarray([], dtype=int), high, 0.0
     if len(best) == len(medians):
         return best, best_factor, best_total  # every stack fits even inflated: a smaller factor adds nothing
