@@ -142,19 +142,35 @@ def main(argv: list[str] | None = None) -> int:
                 labeled_idx += [int(i) for i in picked]
 
     pool_error = np.log(true_seconds) - raw_log_all
+    # The same time model on the pool's TRUE masks: the floor of any mask-based predictor (the rest is the
+    # simulated annotator's own spread).
+    true_mask_log = time_model.predict_log(
+        [mask_features(s.label.astype(np.float32), s.spacing_mm, DEFAULT_CONFIG.feature_thresholds) for s in pool])
     bleed = np.array([bool(s.label.any()) for s in pool])
     pool_summary = {
         "stacks": len(pool), "budget_seconds": budget, "time_model_r2": time_model.r2_,
         "corr_log": float(np.corrcoef(raw_log_all, np.log(true_seconds))[0, 1]),
         "median_abs_log_error_raw": float(np.median(np.abs(pool_error))),
+        "median_abs_log_error_true_masks": float(np.median(np.abs(np.log(true_seconds) - true_mask_log))),
         "empty_true_over_pred": float(np.exp(np.median(pool_error[~bleed]))),
         "bleed_true_over_pred": float(np.exp(np.median(pool_error[bleed]))),
+        # How the error depends on the predicted time: what a stack's window (`LogErrorModel.window_residuals`) is for.
+        "by_predicted_sixth": [
+            {"predicted_seconds": [float(np.exp(raw_log_all[part].min())), float(np.exp(raw_log_all[part].max()))],
+             "stacks": int(len(part)), "with_bleed": int(bleed[part].sum()),
+             "true_over_pred_median": float(np.exp(np.median(pool_error[part]))),
+             "log_error_std": float(np.std(pool_error[part], ddof=1))}
+            for part in np.array_split(np.argsort(raw_log_all), 6)],
     }
     summaries = {method: summarize([b for b in batches if b["method"] == method]) for method in args.methods}
     summaries["all"] = summarize(batches)
     print(f"pool of {len(pool)}: raw predictor corr {pool_summary['corr_log']:.2f}, median |log error| "
-          f"{pool_summary['median_abs_log_error_raw']:.2f}; empty stacks true/pred {pool_summary['empty_true_over_pred']:.2f}, "
+          f"{pool_summary['median_abs_log_error_raw']:.2f} (on the true masks {pool_summary['median_abs_log_error_true_masks']:.2f}); empty stacks true/pred {pool_summary['empty_true_over_pred']:.2f}, "
           f"bleed stacks {pool_summary['bleed_true_over_pred']:.2f}; budget {budget / 60:.0f} min per worklist")
+    for part in pool_summary["by_predicted_sixth"]:
+        low, high = part["predicted_seconds"]
+        print(f"  predicted {low / 60:5.1f}-{high / 60:5.1f} min: {part['stacks']} stacks, {part['with_bleed']} with a bleed, "
+              f"true/predicted {part['true_over_pred_median']:.2f} (median), log error sd {part['log_error_std']:.2f}")
     print(f"{'method':16} {'batches':>7} {'stacks':>6} {'batch err raw':>13} {'batch err':>9} {'over budget':>11} "
           f"{'coverage':>8} {'med|log err|':>12} {'selection raw':>13} {'sel. recal.':>11}")
     for name, s in summaries.items():
