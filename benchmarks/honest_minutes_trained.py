@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 indices, medians, high_total, errors = budget_at_confidence(
                     method, [scores[i] for i in unlabeled], raw_log, history, time_model.residual_std_, budget,
                     config, [rep, m, round_index], rep * 1000 + round_index)
-                batches.append(batch_record(rep, method, round_index, indices, medians, medians * errors.mean_factors(medians),
+                batches.append(batch_record(rep, method, round_index, indices, medians, medians * errors.mean_factor(),
                                             high_total, errors.interval(args.confidence), raw_log, raw_mean_factor,
                                             true_seconds[unlabeled], budget))
                 picked = unlabeled[indices]

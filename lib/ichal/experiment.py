@@ -466,7 +466,7 @@ class _Run:
             indices, medians, high_total, errors = budget_at_confidence(
                 method, scores, raw_log, history, time_model.residual_std_, budget, self.config,
                 _rng_seed(seed, method, round_index), seed * 1000 + round_index)
-        expected = medians * errors.mean_factors(medians)
+        expected = medians * errors.mean_factor()
         indices = np.asarray(indices, dtype=int)
         picked = [unlabeled[i].id for i in indices]
         picked_predicted = math.fsum(expected[indices])

@@ -15,12 +15,10 @@ recalibration, and a lognormal with the time model's residual spread stands in.
 
 A batch total is not a sum of independent draws from those residuals: its stacks share one
 recalibration and one estimate of the error distribution, both fit on few residuals while a site is
-young (measured, docs/results.md: with 20 residuals the first worklists ran over budget 2-3 times as
-often as promised). So a batch's total is drawn from the posterior predictive of a normal log error
-whose mean and variance are unknown (normal-inverse-chi-square, one draw of them shared by the batch),
-fit for each stack on the residuals of the earlier stacks nearest in predicted time (a window of
-`window_share` of them): the error of a stack predicted to take 2 minutes differs from that of one
-predicted to take an hour, and a strategy picks from one end more than the other.
+young (measured, docs/results.md "Budgets that hold": with 20 residuals the first worklists of a
+repetition ran long together). So a batch's total is drawn from the posterior predictive of a normal
+log error whose mean and variance are unknown (normal-inverse-chi-square), one draw of them shared by
+the batch.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ MIN_SLOPE = 0.25
 BATCH_DRAWS = 4000
 MIN_DRAWS = 400
 MAX_DRAWN_VALUES = 100_000
-WINDOW_SHARE = 0.5
 MAX_DOUBLINGS = 40
 
 
@@ -55,15 +52,12 @@ def check_confidence(confidence: float) -> float:
 @dataclass(frozen=True)
 class LogErrorModel:
     """The distribution of log(measured / predicted median) seconds: empirical `residuals` when there
-    are at least MIN_RESIDUALS, else normal with standard deviation `fallback_std`. `predicted`: the
-    recalibrated predicted log-seconds the residuals belong to (same order), which place a stack's window."""
+    are at least MIN_RESIDUALS, else normal with standard deviation `fallback_std`."""
 
     residuals: np.ndarray
     fallback_std: float
     intercept: float = 0.0
     slope: float = 1.0
-    predicted: np.ndarray | None = None
-    window_share: float = WINDOW_SHARE
 
     @property
     def empirical(self) -> bool:
@@ -90,37 +84,24 @@ class LogErrorModel:
         tail = (1.0 - check_confidence(confidence)) / 2.0
         return self.quantile(tail), self.quantile(1.0 - tail)
 
-    def window_residuals(self, median_seconds: np.ndarray) -> np.ndarray:
-        """For each stack (by its recalibrated median seconds), one row: the log errors of the k earlier stacks
-        predicted nearest to it, k = max(MIN_RESIDUALS, window_share x n). Needs `empirical`."""
-        located = np.log(np.asarray(median_seconds, dtype=np.float64))
-        centres = np.zeros(len(self.residuals)) if self.predicted is None else np.asarray(self.predicted, dtype=np.float64)
-        k = min(len(self.residuals), max(MIN_RESIDUALS, math.ceil(self.window_share * len(self.residuals))))
-        nearest = np.argsort(np.abs(located[:, None] - centres[None, :]), axis=1, kind="stable")[:, :k]
-        return self.residuals[nearest]
-
-    def mean_factors(self, median_seconds: np.ndarray) -> np.ndarray:
-        """E[exp(error)] per stack: median x this is the expected seconds (unbiased for batch sums), with the
-        systematic error of stacks predicted like it, e.g. a young committee's under-prediction, corrected.
-        The mean over the stack's window when empirical (not a lognormal's exp(mean + variance / 2): the
-        errors are skewed, bleed-free stacks far over-predicted, and that tail would inflate it)."""
-        medians = np.asarray(median_seconds, dtype=np.float64)
-        if not self.empirical:
-            return np.full(medians.shape, math.exp(0.5 * self.fallback_std**2))
-        return np.exp(self.window_residuals(medians)).mean(axis=1)
+    def mean_factor(self) -> float:
+        """E[exp(error)]: median x this is the expected seconds (unbiased for batch sums), with the
+        served stacks' systematic error, e.g. a young committee's under-prediction, corrected."""
+        if self.empirical:
+            return float(np.exp(self.residuals).mean())
+        return math.exp(0.5 * self.fallback_std**2)
 
     def total_draws(self, median_seconds: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
-        """`draws` samples of the batch's total seconds. Empirical: the posterior predictive of each stack's
-        window (normal log errors, unknown mean and variance, flat prior), with one chi-square and one normal
-        draw per sample shared by the batch, so the uncertainty of the fit moves the stacks together.
+        """`draws` samples of the batch's total seconds. Empirical: the posterior predictive of normal log
+        errors with unknown mean and variance (flat prior) fit on the residuals, with one chi-square and one
+        normal draw per sample shared by the batch, so the uncertainty of the fit moves the stacks together.
         Otherwise independent normal errors of `fallback_std`."""
         medians = np.asarray(median_seconds, dtype=np.float64)
         if not self.empirical:
             return (medians[None, :] * np.exp(rng.normal(0.0, self.fallback_std, size=(draws, medians.size)))).sum(axis=1)
-        window = self.window_residuals(medians)
-        mean, variance, k = window.mean(axis=1), window.var(axis=1, ddof=1), window.shape[1]
-        variances = (k - 1) * variance[None, :] / rng.chisquare(k - 1, size=(draws, 1))
-        means = mean[None, :] + np.sqrt(variances / k) * rng.standard_normal((draws, 1))
+        k = len(self.residuals)
+        variances = (k - 1) * float(np.var(self.residuals, ddof=1)) / rng.chisquare(k - 1, size=(draws, 1))
+        means = float(np.mean(self.residuals)) + np.sqrt(variances / k) * rng.standard_normal((draws, 1))
         errors = means + np.sqrt(variances) * rng.standard_normal((draws, medians.size))
         return (medians[None, :] * np.exp(errors)).sum(axis=1)
 
@@ -186,13 +167,12 @@ def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fal
     predicted_log = np.asarray(predicted_log, dtype=np.float64)
     measured_log = np.asarray(measured_log, dtype=np.float64)
     if len(predicted_log) < MIN_RESIDUALS:
-        return LogErrorModel(measured_log - predicted_log, float(fallback_std), predicted=predicted_log)
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
     backtest = recalibration_backtest(predicted_log, measured_log)
     if backtest["n"] >= MIN_RESIDUALS and backtest["recalibrated_median_abs_log_error"] > backtest["raw_median_abs_log_error"]:
-        return LogErrorModel(measured_log - predicted_log, float(fallback_std), predicted=predicted_log)
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
     intercept, slope = _line(predicted_log, measured_log)
-    adjusted = intercept + slope * predicted_log
-    return LogErrorModel(measured_log - adjusted, float(fallback_std), intercept, slope, adjusted)
+    return LogErrorModel(measured_log - (intercept + slope * predicted_log), float(fallback_std), intercept, slope)
 
 
 def batch_total_quantile(median_seconds: np.ndarray, errors: LogErrorModel, q: float,
@@ -237,7 +217,7 @@ def select_within_budget_at_confidence(
     high = 2.0 * max(1.0, math.exp(errors.quantile(confidence)))
     best = np.asarray(select(medians * high, budget_seconds), dtype=int)
     best_total = high_total(best)
-    # A stack in a wide window can need more than the pooled quantile: double until the batch fits (an
+    # A batch can need more than a single stack's conformal quantile (a few very long residuals widen the fit): double until the batch fits (an
     # empty one always does).
     for _ in range(MAX_DOUBLINGS):
         if best_total <= budget_seconds:

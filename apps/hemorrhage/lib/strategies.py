@@ -103,7 +103,7 @@ class TimeEstimate:
         """From the time model's raw medians, recalibrated on the served stacks' measured times."""
         medians = np.exp(errors.adjust(np.log(raw_medians)))
         low, high = errors.interval(confidence)
-        return cls(medians, medians * errors.mean_factors(medians), medians * np.exp(low), medians * np.exp(high), errors,
+        return cls(medians, medians * errors.mean_factor(), medians * np.exp(low), medians * np.exp(high), errors,
                    raw_medians)
 
 
