@@ -29,22 +29,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ichal.config import DEFAULT_CONFIG
-from ichal.cost import LabelTimeModel, mask_features
+from ichal.cost import LabelTimeModel
 from ichal.ensemble import load_ensemble
-from ichal.experiment import CONFIGS, METHODS, budget_at_confidence, score_stacks
+from ichal.experiment import CONFIGS, METHODS, budget_at_confidence, score_stacks, true_mask_features
 from ichal.io import atomic_write_bytes
 from ichal.phantom import generate_pool
 
 
 def batch_record(rep: int, method: str, round_index: int, indices: np.ndarray, medians: np.ndarray,
-                 expected: np.ndarray, high_total: float, interval: tuple[float, float], raw_log: np.ndarray,
+                 mean_factor: float, high_total: float, interval: tuple[float, float], raw_log: np.ndarray,
                  raw_mean_factor: float, true_seconds: np.ndarray, budget: float) -> dict:
     """What one budgeted worklist predicted and what it really took (all arrays over the unlabeled stacks)."""
     true_log = np.log(true_seconds)
     error = true_log - np.log(medians)
     picked_true = math.fsum(true_seconds[indices])
-    predicted = math.fsum(expected[indices])
+    predicted = math.fsum(medians[indices]) * mean_factor
     return {
         "rep": rep, "method": method, "round": round_index, "n_picked": int(len(indices)), "budget": budget,
         "predicted_seconds": predicted, "high_seconds": high_total, "true_seconds": picked_true,
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     labeled = list(tqdm(generate_pool(args.time_pool_count, args.size, args.time_pool_seed), total=args.time_pool_count,
                         desc="committee's training stacks", unit="stack"))
     time_model = LabelTimeModel().fit(
-        [mask_features(s.label.astype(np.float32), s.spacing_mm, DEFAULT_CONFIG.feature_thresholds) for s in labeled],
+        [true_mask_features(s) for s in labeled],
         [float(s.meta["simulated_seconds"]) for s in labeled])
     del labeled
     pool = list(tqdm(generate_pool(args.pool_count, args.size, args.pool_seed), total=args.pool_count,
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 indices, medians, high_total, errors = budget_at_confidence(
                     method, [scores[i] for i in unlabeled], raw_log, history, time_model.residual_std_, budget,
                     config, [rep, m, round_index], rep * 1000 + round_index)
-                batches.append(batch_record(rep, method, round_index, indices, medians, medians * errors.mean_factor(),
+                batches.append(batch_record(rep, method, round_index, indices, medians, errors.mean_factor(),
                                             high_total, errors.interval(args.confidence), raw_log, raw_mean_factor,
                                             true_seconds[unlabeled], budget))
                 picked = unlabeled[indices]
@@ -144,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_error = np.log(true_seconds) - raw_log_all
     # The same time model on the pool's TRUE masks: the floor of any mask-based predictor (the rest is the
     # simulated annotator's own spread).
-    true_mask_log = time_model.predict_log(
-        [mask_features(s.label.astype(np.float32), s.spacing_mm, DEFAULT_CONFIG.feature_thresholds) for s in pool])
+    true_mask_log = time_model.predict_log([true_mask_features(s) for s in pool])
     bleed = np.array([bool(s.label.any()) for s in pool])
     pool_summary = {
         "stacks": len(pool), "budget_seconds": budget, "time_model_r2": time_model.r2_,
@@ -154,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_abs_log_error_true_masks": float(np.median(np.abs(np.log(true_seconds) - true_mask_log))),
         "empty_true_over_pred": float(np.exp(np.median(pool_error[~bleed]))),
         "bleed_true_over_pred": float(np.exp(np.median(pool_error[bleed]))),
-        # How the error depends on the predicted time: what a stack's window (`LogErrorModel.window_residuals`) is for.
+        # How the error depends on the predicted time: each strategy picks from its own part of this range.
         "by_predicted_sixth": [
             {"predicted_seconds": [float(np.exp(raw_log_all[part].min())), float(np.exp(raw_log_all[part].max()))],
              "stacks": int(len(part)), "with_bleed": int(bleed[part].sum()),
@@ -165,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     summaries = {method: summarize([b for b in batches if b["method"] == method]) for method in args.methods}
     summaries["all"] = summarize(batches)
     print(f"pool of {len(pool)}: raw predictor corr {pool_summary['corr_log']:.2f}, median |log error| "
-          f"{pool_summary['median_abs_log_error_raw']:.2f} (on the true masks {pool_summary['median_abs_log_error_true_masks']:.2f}); empty stacks true/pred {pool_summary['empty_true_over_pred']:.2f}, "
+          f"{pool_summary['median_abs_log_error_raw']:.2f} (on the true masks "
+          f"{pool_summary['median_abs_log_error_true_masks']:.2f}); "
+          f"empty stacks true/pred {pool_summary['empty_true_over_pred']:.2f}, "
           f"bleed stacks {pool_summary['bleed_true_over_pred']:.2f}; budget {budget / 60:.0f} min per worklist")
     for part in pool_summary["by_predicted_sixth"]:
         low, high = part["predicted_seconds"]

@@ -189,15 +189,18 @@ class Data:
         return math.fsum(float(by_id[i].meta["simulated_seconds"]) for i in ids)
 
 
+def true_mask_features(stack: PhantomStack) -> MaskFeatures:
+    """The time model's features of a stack's TRUE mask (what the site measures once it is labeled)."""
+    return mask_features(stack.label.astype(np.float32), stack.spacing_mm, DEFAULT_CONFIG.feature_thresholds)
+
+
 def make_data(config: ExperimentConfig, progress: bool = True) -> Data:
     """Generate the pool (seed `data_seed`) and the test set (seed `data_seed + 1000`), in memory."""
     pool = list(tqdm(generate_pool(config.pool_count, config.size, config.data_seed), total=config.pool_count,
                      desc="generating pool", unit="stack", disable=not progress))
     test = list(tqdm(generate_pool(config.test_count, config.size, config.data_seed + TEST_SEED_OFFSET),
                      total=config.test_count, desc="generating test set", unit="stack", disable=not progress))
-    true_features = {s.id: mask_features(s.label.astype(np.float32), s.spacing_mm, DEFAULT_CONFIG.feature_thresholds)
-                     for s in pool}
-    return Data(pool=pool, test=test, true_features=true_features)
+    return Data(pool=pool, test=test, true_features={s.id: true_mask_features(s) for s in pool})
 
 
 def protocol_data_config(protocol: str, config: ExperimentConfig, seed: int) -> ExperimentConfig:

@@ -217,8 +217,8 @@ def select_within_budget_at_confidence(
     high = 2.0 * max(1.0, math.exp(errors.quantile(confidence)))
     best = np.asarray(select(medians * high, budget_seconds), dtype=int)
     best_total = high_total(best)
-    # A batch can need more than a single stack's conformal quantile (a few very long residuals widen the fit): double until the batch fits (an
-    # empty one always does).
+    # A batch can need more than a single stack's conformal quantile (a few very long residuals widen the
+    # fit): double until the batch fits (an empty one always does).
     for _ in range(MAX_DOUBLINGS):
         if best_total <= budget_seconds:
             break
