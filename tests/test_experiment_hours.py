@@ -16,7 +16,9 @@ from ichal.experiment import (
     PROTOCOL_METHODS,
     ExperimentConfig,
     ExperimentError,
+    Task,
     make_data,
+    next_runnable_task,
     protocol_data_config,
     run_protocol,
 )
@@ -127,6 +129,35 @@ def test_two_workers_resume_to_the_records_of_one_process(tmp_path, hours_run):
     data_file.write_text(json.dumps(json.loads(data_file.read_text()) | {"data_fingerprint": "0" * 16}))
     with pytest.raises(ExperimentError, match="seed 1"):
         run_protocol("hours", MINI, tmp_path, list(SEEDS), methods=methods, progress=False, resume=True)
+
+
+def test_tasks_run_seed_after_seed():
+    tasks = [Task("hours", MINI, None, seed, method) for seed in (0, 1, 2) for method in (None, "random", "roi")]
+    # Nothing ready: the first seed's shared cells, then (a second worker) the next seed's.
+    assert next_runnable_task(tasks, set()) == tasks[0]
+    assert next_runnable_task(tasks[1:], set()) == tasks[3]
+    # Seed 0 ready: its chains come before any later seed's shared cells.
+    assert next_runnable_task(tasks[1:3] + tasks[4:], {0}) == tasks[1]
+    assert next_runnable_task(tasks[4:], {0}) == tasks[6]
+    assert next_runnable_task(tasks[4:6], {1}) == tasks[4]
+    assert next_runnable_task([], {0, 1, 2}) is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_no_task_starts_after_the_deadline_and_resume_finishes(tmp_path, hours_run, capsys, workers):
+    _, reference = hours_run
+    methods = ("random",)
+    assert run_protocol("hours", MINI, tmp_path, list(SEEDS), methods=methods, progress=False, workers=workers,
+                        stop_starting_after=0) == []
+    assert "4 of 4 (seed, method) tasks not started; continue with --resume" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("round*.json"))
+    finished = run_protocol("hours", MINI, tmp_path, list(SEEDS), methods=methods, progress=False,
+                            workers=workers, resume=True, stop_starting_after=3600)
+    expected = {cell: r["labeled_ids"] for cell, r in _by_cell(reference).items() if cell[0] in (*methods, "full_pool")}
+    assert {cell: r["labeled_ids"] for cell, r in _by_cell(finished).items()} == expected
+    assert "not started" not in capsys.readouterr().err
+    with pytest.raises(ExperimentError, match="stop_starting_after"):
+        run_protocol("hours", MINI, tmp_path, list(SEEDS), resume=True, stop_starting_after=-1)
 
 
 def test_hours_generates_its_own_data_per_seed(tmp_path, seed_data):

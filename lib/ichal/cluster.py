@@ -313,6 +313,11 @@ class RayTaskPool:
         self._remote = self.ray.remote(_run_with_threads).options(num_cpus=threads, max_retries=WORKER_RESTARTS)
         self._refs: list = []
 
+    @property
+    def slots(self) -> int:
+        """How many tasks the cluster runs at once: its CPU cores over `threads`, at least one."""
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1)) // self.threads)
+
     def submit(self, function: Callable, argument: object) -> Future:
         ref = self._remote.remote(function, self.threads, argument)
         self._refs.append(ref)

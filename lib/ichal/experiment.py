@@ -570,7 +570,7 @@ def _seed_data(protocol: str, config: ExperimentConfig, out: Path, seed: int, pr
 
 
 @dataclass(frozen=True)
-class _Task:
+class Task:
     """Work for one process: seed `seed`'s shared cells (`method` None) or one method's rounds."""
 
     protocol: str
@@ -587,7 +587,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_task(task: _Task) -> list[dict]:
+def _run_task(task: Task) -> list[dict]:
     """Run `task` in a worker process; returns the records of the cells it computed. The worker keeps the
     last data it generated (and its round-0 scores), so consecutive tasks of one seed generate it once."""
     key = (task.protocol, task.config, task.out, task.seed if task.protocol == "hours" else None)
@@ -605,13 +605,14 @@ def _run_task(task: _Task) -> list[dict]:
     return run.finished[before:]
 
 
-def _run_in_workers(tasks: Sequence[_Task], workers: int, threads: int, on_done: Callable[[_Task, list[dict]], None],
-                    engine: str = "local") -> None:
-    """Run every seed's shared task, then its method tasks as soon as it is done, in `workers` processes
-    (spawned: a forked torch may hang), or with engine `ray` as Ray tasks over the cluster's cores (a task
-    whose worker dies is rerun and skips the cells it had finished). `on_done(task, records)` runs here as
-    each task finishes. On an error the queued tasks are cancelled; running ones finish their current cell
-    and stop."""
+def _run_in_workers(tasks: Sequence[Task], workers: int, threads: int, on_done: Callable[[Task, list[dict]], None],
+                    engine: str = "local", start_deadline: float | None = None) -> list[Task]:
+    """Run `tasks` (in seed order, each seed's shared task first; `next_runnable_task` picks the next) in
+    `workers` processes (spawned: a forked torch may hang), or with engine `ray` as Ray tasks over the
+    cluster's cores (a task whose worker dies is rerun and skips the cells it had finished). No task starts
+    after `start_deadline` (`time.monotonic()`); running ones finish. `on_done(task, records)` runs here as
+    each task finishes. Returns the tasks never started. On an error the queued tasks are cancelled; running
+    ones finish their current cell and stop."""
     if engine == "ray":
         from ichal.cluster import RayTaskPool
 
@@ -620,26 +621,42 @@ def _run_in_workers(tasks: Sequence[_Task], workers: int, threads: int, on_done:
         pool_context = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                            initializer=_init_worker, initargs=(threads,))
     with pool_context as pool:
-        pending: dict[Future, _Task] = {pool.submit(_run_task, t): t for t in tasks if t.method is None}
+        slots = pool.slots if engine == "ray" else workers
+        waiting, ready_seeds = list(tasks), set()
+        pending: dict[Future, Task] = {}
         try:
-            while pending:
+            while True:
+                while len(pending) < slots and (start_deadline is None or time.monotonic() < start_deadline):
+                    task = next_runnable_task(waiting, ready_seeds)
+                    if task is None:
+                        break
+                    waiting.remove(task)
+                    pending[pool.submit(_run_task, task)] = task
+                if not pending:
+                    return waiting
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     task = pending.pop(future)
                     records = future.result()
                     if task.method is None:
-                        pending |= {pool.submit(_run_task, t): t for t in tasks
-                                    if t.seed == task.seed and t.method is not None}
+                        ready_seeds.add(task.seed)
                     on_done(task, records)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
+def next_runnable_task(waiting: Sequence[Task], ready_seeds: set[int]) -> Task | None:
+    """The first of `waiting` (in seed order, each seed's shared task first) that can start: a method chain
+    of a seed whose shared cells are done (`ready_seeds`), or a shared task. Seeds thus finish one after
+    another instead of every seed's shared cells first, so a run stopped part-way leaves whole seeds."""
+    return next((task for task in waiting if task.method is None or task.seed in ready_seeds), None)
+
+
 def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds: Sequence[int], *,
                  resume: bool = False, methods: Sequence[str] | None = None, data: Data | None = None,
                  progress: bool = True, on_record: Callable[[dict], None] | None = None, workers: int = 1,
-                 threads: int = 1, engine: str = "local") -> list[dict]:
+                 threads: int = 1, engine: str = "local", stop_starting_after: float | None = None) -> list[dict]:
     """Run `protocol` ("coreset", "cost" or "hours") for every seed; returns all records (see `load_records`).
 
     Core-set and cost: seeds share the pool and test set (generated from `config.data_seed`, or `data`)
@@ -651,6 +668,9 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
     records equal a one-process run's. Engine `ray` runs the same tasks on the Ray cluster this process
     has joined (`ichal.cluster.connect`), as many at once as it has cores. After each seed the CSV, plot
     and table are rewritten, so an interrupted run still leaves a report of what finished.
+    `stop_starting_after` (seconds): no seed's shared cells or (seed, method) chain starts later than this
+    after the call; started ones finish, so a run sized beyond a session stops at whole chains and is
+    continued with `resume`.
     """
     from ichal.experiment_plots import write_report
 
@@ -671,6 +691,9 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
     if data is not None and (protocol == "hours" or parallel):
         raise ExperimentError("data can be passed only to a one-worker core-set or cost run; per-hour seeds "
                               "generate their own pools, workers their own copy")
+    if stop_starting_after is not None and stop_starting_after < 0:
+        raise ExperimentError(f"stop_starting_after must be at least 0 seconds, got {stop_starting_after}")
+    start_deadline = None if stop_starting_after is None else time.monotonic() + stop_starting_after
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / f"{protocol}_config.json").exists():
@@ -688,27 +711,44 @@ def run_protocol(protocol: str, config: ExperimentConfig, out: str | Path, seeds
             if on_record is not None:
                 on_record(record)
 
-        if not parallel:
-            for seed in seeds:
-                seed_data = _seed_data(protocol, config, out, seed, progress) if protocol == "hours" else shared_data
-                run = _Run(protocol, config, seed_data, out, progress, count)
-                run.shared_cells(seed)
-                for method in methods:
-                    run.method_cells(seed, method)
+        tasks = [Task(protocol, config, out, seed, method) for seed in seeds for method in (None, *methods)]
+        left = {seed: 1 + len(methods) for seed in seeds}
+
+        def done(task: Task, records: list[dict]) -> None:
+            for record in records:
+                count(record)
+            left[task.seed] -= 1
+            if not left[task.seed]:
                 write_report(protocol, out, load_records(out, protocol))
+
+        if not parallel:
+            not_started = _run_in_process(tasks, shared_data, progress, count, done, start_deadline)
         else:
-            tasks = [_Task(protocol, config, out, seed, method) for seed in seeds for method in (None, *methods)]
-            left = {seed: 1 + len(methods) for seed in seeds}
-
-            def done(task: _Task, records: list[dict]) -> None:
-                for record in records:
-                    count(record)
-                left[task.seed] -= 1
-                if not left[task.seed]:
-                    write_report(protocol, out, load_records(out, protocol))
-
-            _run_in_workers(tasks, workers, threads, done, engine)
+            not_started = _run_in_workers(tasks, workers, threads, done, engine, start_deadline)
+    if not_started:
+        write_report(protocol, out, load_records(out, protocol))
+        print(f"stopped starting tasks after {stop_starting_after:.0f} s: {len(not_started)} of {len(tasks)} "
+              f"(seed, method) tasks not started; continue with --resume", file=sys.stderr)
     return load_records(out, protocol)
+
+
+def _run_in_process(tasks: Sequence[Task], shared_data: Data | None, progress: bool,
+                    on_record: Callable[[dict], None], on_done: Callable[[Task, list[dict]], None],
+                    start_deadline: float | None) -> list[Task]:
+    """`_run_in_workers` in this process, task after task in order; returns the tasks never started."""
+    run = None
+    for index, task in enumerate(tasks):
+        if start_deadline is not None and time.monotonic() >= start_deadline:
+            return list(tasks[index:])
+        if task.method is None:
+            data = _seed_data(task.protocol, task.config, task.out, task.seed, progress) \
+                if task.protocol == "hours" else shared_data
+            run = _Run(task.protocol, task.config, data, task.out, progress, on_record)
+            run.shared_cells(task.seed)
+        else:
+            run.method_cells(task.seed, task.method)
+        on_done(task, [])
+    return []
 
 
 def saved_config(out: str | Path, protocol: str) -> ExperimentConfig:
@@ -759,6 +799,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="processes running seeds' shared cells and (seed, method) round chains in parallel")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="ray: run the cells as Ray tasks on the cluster at --address (docs/scale.md)")
+    parser.add_argument("--stop-starting-after", type=float, metavar="MINUTES",
+                        help="start no task later than this; started ones finish (for runs longer than a "
+                             "session: continue with --resume)")
     parser.add_argument("--address", help="with --engine ray: the cluster (host:port, auto); default: a Ray "
                                           "instance on this machine")
     args = parser.parse_args(argv)
@@ -792,7 +835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ClusterError as error:
                 parser.error(str(error))
         run_protocol(args.protocol, config, args.out, args.seeds, resume=args.resume, methods=args.methods,
-                     workers=args.workers, threads=args.threads, engine=args.engine)
+                     workers=args.workers, threads=args.threads, engine=args.engine,
+                     stop_starting_after=None if args.stop_starting_after is None else 60 * args.stop_starting_after)
     except ExperimentError as error:
         parser.error(str(error))
     print(f"wrote {args.out / f'{args.protocol}_results.csv'}, {args.protocol}_ap.png, {args.protocol}_table.md")
