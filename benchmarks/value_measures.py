@@ -59,6 +59,10 @@ def main() -> None:
             "sum_patch_js": float(patches.sum()),
             "sum_voxel_js": float(prediction.js.sum()),
             "max_patch_js": float(patches.max()),
+            # Bleed-focused candidates: disagreement where the committee sees bleed, and the error mass the
+            # committee expects of itself (E|p - y| = 2p(1 - p) if y ~ Bernoulli(p)).
+            "sum_js_on_predicted_bleed": float(prediction.js[prediction.mean_prob >= 0.5].sum()),
+            "expected_error_mass": float((2 * prediction.mean_prob * (1 - prediction.mean_prob)).sum()),
             "error_mass": float(error.sum()), "missed_bleed_mass": float(error[label].sum()),
         })
     args.out.mkdir(parents=True, exist_ok=True)
@@ -66,16 +70,18 @@ def main() -> None:
     seconds = np.array([r["true_seconds"] for r in rows])
     summary = {"seed": args.seed, "iterations": config.iterations, "stacks": len(rows), "correlations": {}}
     print(f"{len(rows)} stacks, seed {args.seed}, {config.iterations} iterations; Spearman rho")
-    print(f"{'value':>16} {'error mass':>11} {'missed bleed':>13} {'true s':>7} {'v/s vs err/s':>13}")
-    for name in ("top_k_mean_js", "sum_patch_js", "sum_voxel_js", "max_patch_js"):
+    print(f"{'value':>26} {'error mass':>11} {'missed bleed':>13} {'true s':>7} {'per s: error':>13} {'missed':>7}")
+    for name in ("top_k_mean_js", "sum_patch_js", "sum_voxel_js", "max_patch_js", "sum_js_on_predicted_bleed",
+                 "expected_error_mass"):
         value = np.array([r[name] for r in rows])
         rho = {target: float(spearmanr(value, [r[target] for r in rows]).statistic)
                for target in ("error_mass", "missed_bleed_mass", "true_seconds")}
-        rho["per_second"] = float(spearmanr(value / seconds,
-                                            np.array([r["error_mass"] for r in rows]) / seconds).statistic)
+        for target in ("error_mass", "missed_bleed_mass"):  # what the knapsack ranks by: value per second
+            rho[f"{target}_per_second"] = float(spearmanr(value / seconds,
+                                                          np.array([r[target] for r in rows]) / seconds).statistic)
         summary["correlations"][name] = rho
-        print(f"{name:>16} {rho['error_mass']:11.2f} {rho['missed_bleed_mass']:13.2f} {rho['true_seconds']:7.2f} "
-              f"{rho['per_second']:13.2f}")
+        print(f"{name:>26} {rho['error_mass']:11.2f} {rho['missed_bleed_mass']:13.2f} {rho['true_seconds']:7.2f} "
+              f"{rho['error_mass_per_second']:13.2f} {rho['missed_bleed_mass_per_second']:7.2f}")
     for positive in (True, False):
         group = [r for r in rows if r["positive"] == positive]
         if group:
