@@ -178,9 +178,10 @@ def _hours_text(hours: dict[int, float]) -> str:
     if not reached.any():
         return f"0/{values.size} reached"
     median = float(np.median(values))
-    median_text = f"{median:.2f}" if math.isfinite(median) else "not reached (median)"
-    return (f"{reached.sum()}/{values.size} reached; median {median_text} h "
-            f"[{values[reached].min():.2f}-{values[reached].max():.2f}]")
+    span = f"[{values[reached].min():.2f}-{values[reached].max():.2f}]"
+    if not math.isfinite(median):
+        return f"{reached.sum()}/{values.size} reached ({span} h); median not reached"
+    return f"{reached.sum()}/{values.size} reached; median {median:.2f} h {span}"
 
 
 def _ratio_text(interval: dict[str, float]) -> str:
