@@ -16,6 +16,7 @@ Prints Spearman correlations and writes OUT/value_measures.jsonl (one line per s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from scipy.stats import spearmanr
 
 from ichal.config import DEFAULT_CONFIG
 from ichal.ensemble import predict_stack
-from ichal.experiment import CONFIGS, make_data, protocol_data_config, train_labeled
+from ichal.experiment import CONFIGS, make_data, protocol_data_config, seed_set_ids, train_labeled
 from ichal.uncertainty import patch_scores, stack_uncertainty
 
 
@@ -38,12 +39,10 @@ def main() -> None:
     torch.set_num_threads(1)
     config = protocol_data_config("hours", CONFIGS["hours"], args.seed)
     if args.iterations:
-        config = config.__class__(**{**config.__dict__, "iterations": args.iterations})
+        config = dataclasses.replace(config, iterations=args.iterations)
     data = make_data(config, progress=True)
-    order = np.random.default_rng([args.seed, 0]).permutation(len(data.pool))  # the protocol's seed set
-    count = max(1, int(round(config.hours_seed_fraction * len(data.pool))))
-    seed_ids = {data.pool_ids[i] for i in order[:count]}
-    model, _ = train_labeled(config, data, sorted(seed_ids), args.seed * 100, True)
+    seed_ids = seed_set_ids(data.pool_ids, config.hours_seed_fraction, args.seed)  # the protocol's round 0
+    model, _ = train_labeled(config, data, seed_ids, args.seed * 100, True)
     rows = []
     for stack in data.pool:
         if stack.id in seed_ids:

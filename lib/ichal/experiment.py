@@ -194,6 +194,13 @@ def true_mask_features(stack: PhantomStack) -> MaskFeatures:
     return mask_features(stack.label.astype(np.float32), stack.spacing_mm, DEFAULT_CONFIG.feature_thresholds)
 
 
+def seed_set_ids(pool_ids: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """Round 0's labeled stacks: a random `fraction` of the pool (at least one), drawn from `seed`; sorted."""
+    count = max(1, int(round(fraction * len(pool_ids))))
+    order = np.random.default_rng([seed, 0]).permutation(len(pool_ids))
+    return sorted(pool_ids[i] for i in order[:count])
+
+
 def make_data(config: ExperimentConfig, progress: bool = True) -> Data:
     """Generate the pool (seed `data_seed`) and the test set (seed `data_seed + 1000`), in memory."""
     pool = list(tqdm(generate_pool(config.pool_count, config.size, config.data_seed), total=config.pool_count,
@@ -385,10 +392,7 @@ class _Run:
         path = self.cell_dir(seed, None) / "round0.json"
         if (record := _read_json(path)) is not None:
             return record
-        count = max(1, int(round(self.seed_fraction * len(self.data.pool))))
-        order = np.random.default_rng([seed, 0]).permutation(len(self.data.pool))
-        labeled = sorted(self.data.pool_ids[i] for i in order[:count])
-        return self._train_and_finish(seed, None, 0, labeled)
+        return self._train_and_finish(seed, None, 0, seed_set_ids(self.data.pool_ids, self.seed_fraction, seed))
 
     def full_pool_cell(self, seed: int) -> dict:
         """Reference of the core-set (the paper's S1) and per-hour protocols: the whole pool labeled."""
