@@ -1,18 +1,24 @@
-"""Honest minutes with a well-trained committee (issue 17): worklists budgeted at a confidence, against the
+"""Honest minutes replayed on one committee (issue 17): worklists budgeted at a confidence, against the
 simulated annotator's true seconds.
 
-The committee is a finished checkpoint (e.g. 2 x `cpu_small`, 20000 steps on 200 stacks at 128 px: more than
-the cost protocol can train on 2 CPU cores). The time model is fit on the true masks and true seconds of the
-stacks the committee was trained on (what the site has measured). A fresh pool of unlabeled stacks is scored
-once; then, for each repetition, a random seed worklist is "labeled" first (its pick-time errors are the
-first residuals, as after a site's first random worklists), and each method picks R worklists in turn, each
-within `budget_fraction` of the pool's true seconds at `--confidence`, recalibrated on the errors of every
-stack labeled before it (`ichal.experiment.budget_at_confidence`, the experiment's and the app's logic). The
-committee is not retrained between worklists: with 200 labeled stacks a few more change it little, and the
-question here is the time estimate, not the model.
+Two committees can be replayed:
+- a well-trained one (`--checkpoint`, e.g. 2 x `cpu_small`, 20000 steps on 200 stacks at 128 px: more than the
+  cost protocol can train on 2 CPU cores), with the time model fit on the true masks and true seconds of the
+  stacks it was trained on (what the site has measured) and a fresh pool of unlabeled stacks;
+- the per-hour protocol's young one (`--hours-seed S`): round 0 of seed S (2 members of 3200 iterations on the
+  seed set of S's 120-stack pool, trained here in ~3 min), with the time model fit on the seed set's true masks
+  and the rest of S's pool as the unlabeled stacks: a site's first committee.
+
+The pool is scored once; then, for each repetition, a random seed worklist is "labeled" first (its pick-time
+errors are the first residuals, as after a site's first random worklists), and each method picks R worklists in
+turn, each within `budget_fraction` of the pool's true seconds at `--confidence`, recalibrated on the errors of
+every stack labeled before it (`ichal.experiment.budget_at_confidence`, the experiment's and the app's logic).
+The committee is not retrained between worklists: the question here is the time estimate, not the model.
 
     python benchmarks/honest_minutes_trained.py --checkpoint C.pt --time-pool-seed 0 --time-pool-count 200 \
         --pool-seed 3000 --pool-count 120 --reps 10 --rounds 5 --json out/honest/trained.json
+    python benchmarks/honest_minutes_trained.py --hours-seed 0 --cache out/honest/hours0.pkl --seed-count 12 \
+        --reps 10 --rounds 5 --json out/honest/young0.json
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import math
 import pickle
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,9 +38,10 @@ from tqdm import tqdm
 
 from ichal.cost import LabelTimeModel
 from ichal.ensemble import load_ensemble
-from ichal.experiment import CONFIGS, METHODS, budget_at_confidence, score_stacks, true_mask_features
+from ichal.experiment import (CONFIGS, METHODS, ExperimentConfig, StackScores, budget_at_confidence, make_data,
+                              protocol_data_config, score_stacks, seed_set_ids, train_labeled, true_mask_features)
 from ichal.io import atomic_write_bytes
-from ichal.phantom import generate_pool
+from ichal.phantom import PhantomStack, generate_pool
 
 
 def batch_record(rep: int, method: str, round_index: int, indices: np.ndarray, medians: np.ndarray,
@@ -76,13 +84,66 @@ def summarize(batches: list[dict]) -> dict:
     }
 
 
+def cached_scores(cache: Path | None, key: tuple, score: Callable[[], list[StackScores]]) -> list[StackScores]:
+    """The pool's scores from `cache` when it was written for `key`, else `score()` (and written there)."""
+    cached = pickle.loads(cache.read_bytes()) if cache and cache.exists() else None
+    if cached is not None and cached["key"] == key:
+        return cached["scores"]
+    scores = score()
+    if cache:
+        atomic_write_bytes(cache, pickle.dumps({"key": key, "scores": scores}))
+    return scores
+
+
+def trained_committee(args: argparse.Namespace) -> tuple[ExperimentConfig, list[PhantomStack], list[StackScores], LabelTimeModel]:
+    """A finished checkpoint, the time model of its training stacks, a fresh pool scored by it."""
+    config = dataclasses.replace(CONFIGS["quick"], name="trained", size=args.size, budget_confidence=args.confidence)
+    labeled = list(tqdm(generate_pool(args.time_pool_count, args.size, args.time_pool_seed), total=args.time_pool_count,
+                        desc="committee's training stacks", unit="stack"))
+    time_model = LabelTimeModel().fit(
+        [true_mask_features(s) for s in labeled],
+        [float(s.meta["simulated_seconds"]) for s in labeled])
+    del labeled
+    pool = list(tqdm(generate_pool(args.pool_count, args.size, args.pool_seed), total=args.pool_count,
+                     desc="unlabeled pool", unit="stack"))
+    model = load_ensemble(args.checkpoint)
+
+    def score() -> list[StackScores]:
+        by_id = score_stacks(config, model, pool, progress=True)
+        return [by_id[s.id] for s in pool]
+
+    key = (model.meta["version"], args.size, args.pool_seed, args.pool_count)
+    return config, pool, cached_scores(args.cache, key, score), time_model
+
+
+def young_committee(args: argparse.Namespace) -> tuple[ExperimentConfig, list[PhantomStack], list[StackScores], LabelTimeModel]:
+    """Round 0 of the per-hour protocol's seed `args.hours_seed`, the time model of its seed set's true masks,
+    and the rest of that seed's pool, scored by it."""
+    config = dataclasses.replace(protocol_data_config("hours", CONFIGS["hours"], args.hours_seed),
+                                 budget_confidence=args.confidence)
+    data = make_data(config, progress=True)
+    seed_ids = seed_set_ids(data.pool_ids, config.hours_seed_fraction, args.hours_seed)
+    time_model = LabelTimeModel().fit([data.true_features[i] for i in seed_ids], [data.true_seconds([i]) for i in seed_ids])
+    pool = [stack for stack in data.pool if stack.id not in set(seed_ids)]
+
+    def score() -> list[StackScores]:
+        model, _ = train_labeled(config, data, seed_ids, args.hours_seed * 100, True)
+        by_id = score_stacks(config, model, pool, progress=True)
+        return [by_id[s.id] for s in pool]
+
+    key = ("hours", args.hours_seed, config.iterations, data.fingerprint())
+    return config, pool, cached_scores(args.cache, key, score), time_model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="committee (2+ members for uncertainty)")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--time-pool-seed", type=int, required=True, help="generator seed of the committee's training stacks")
+    committee = parser.add_mutually_exclusive_group(required=True)
+    committee.add_argument("--checkpoint", type=Path, help="a trained committee (2+ members for uncertainty)")
+    committee.add_argument("--hours-seed", type=int, help="the per-hour protocol's round-0 committee of this seed")
+    parser.add_argument("--size", type=int, default=128, help="with --checkpoint")
+    parser.add_argument("--time-pool-seed", type=int, help="with --checkpoint: generator seed of its training stacks")
     parser.add_argument("--time-pool-count", type=int, default=200)
-    parser.add_argument("--pool-seed", type=int, default=3000, help="generator seed of the unlabeled pool")
+    parser.add_argument("--pool-seed", type=int, default=3000, help="with --checkpoint: generator seed of the unlabeled pool")
     parser.add_argument("--pool-count", type=int, default=120)
     parser.add_argument("--seed-count", type=int, default=20, help="stacks of the first, random worklist")
     parser.add_argument("--reps", type=int, default=10)
@@ -93,28 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="pickle of the pool's scores (reused when it matches)")
     parser.add_argument("--json", type=Path, help="write every batch and the summaries here")
     args = parser.parse_args(argv)
+    if args.checkpoint and args.time_pool_seed is None:
+        parser.error("--checkpoint needs --time-pool-seed (the generator seed of the stacks it was trained on)")
     torch.set_num_threads(1)
-    config = dataclasses.replace(CONFIGS["quick"], name="trained", size=args.size, budget_confidence=args.confidence)
-
-    labeled = list(tqdm(generate_pool(args.time_pool_count, args.size, args.time_pool_seed), total=args.time_pool_count,
-                        desc="committee's training stacks", unit="stack"))
-    time_model = LabelTimeModel().fit(
-        [true_mask_features(s) for s in labeled],
-        [float(s.meta["simulated_seconds"]) for s in labeled])
-    del labeled
-    pool = list(tqdm(generate_pool(args.pool_count, args.size, args.pool_seed), total=args.pool_count,
-                     desc="unlabeled pool", unit="stack"))
+    config, pool, scores, time_model = trained_committee(args) if args.checkpoint else young_committee(args)
     true_seconds = np.array([float(s.meta["simulated_seconds"]) for s in pool])
-    model = load_ensemble(args.checkpoint)
-    key = (model.meta["version"], args.size, args.pool_seed, args.pool_count)
-    cached = pickle.loads(args.cache.read_bytes()) if args.cache and args.cache.exists() else None
-    if cached is not None and cached["key"] == key:
-        scores = cached["scores"]
-    else:
-        by_id = score_stacks(config, model, pool, progress=True)
-        scores = [by_id[s.id] for s in pool]
-        if args.cache:
-            atomic_write_bytes(args.cache, pickle.dumps({"key": key, "scores": scores}))
     raw_log_all = time_model.predict_log([s.features for s in scores])
     raw_mean_factor = math.exp(0.5 * time_model.residual_std_**2)
     budget = args.budget_fraction * float(true_seconds.sum())
