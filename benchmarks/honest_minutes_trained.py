@@ -42,6 +42,7 @@ from ichal.experiment import (CONFIGS, METHODS, ExperimentConfig, StackScores, b
                               protocol_data_config, score_stacks, seed_set_ids, train_labeled, true_mask_features)
 from ichal.io import atomic_write_bytes
 from ichal.phantom import PhantomStack, generate_pool
+from ichal.time_intervals import BATCH_TAILS
 
 
 def batch_record(rep: int, method: str, round_index: int, indices: np.ndarray, medians: np.ndarray,
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget-fraction", type=float, default=0.05)
     parser.add_argument("--confidence", type=float, default=0.8)
+    parser.add_argument("--batch-tail", choices=BATCH_TAILS, default="normal",
+                        help="each stack's error in the batch total's draws (ichal.time_intervals.LogErrorModel.tail)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["cost_sensitive", "random", "uncertainty"])
     parser.add_argument("--cache", type=Path, help="pickle of the pool's scores (reused when it matches)")
     parser.add_argument("--json", type=Path, help="write every batch and the summaries here")
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw_log = raw_log_all[unlabeled]
                 indices, medians, high_total, errors = budget_at_confidence(
                     method, [scores[i] for i in unlabeled], raw_log, history, time_model.residual_std_, budget,
-                    config, [rep, m, round_index], rep * 1000 + round_index)
+                    config, [rep, m, round_index], rep * 1000 + round_index, args.batch_tail)
                 batches.append(batch_record(rep, method, round_index, indices, medians, errors.mean_factor(),
                                             high_total, errors.interval(args.confidence), raw_log, raw_mean_factor,
                                             true_seconds[unlabeled], budget))

@@ -240,3 +240,20 @@ def test_a_recalibration_that_the_backtest_finds_worse_is_not_used():
     assert backtest["recalibrated_median_abs_log_error"] > backtest["raw_median_abs_log_error"]
     assert (model.intercept, model.slope) == (0.0, 1.0)
     np.testing.assert_allclose(model.residuals, true_log - exact)
+
+
+def test_a_bootstrap_tail_keeps_the_right_tail_of_skewed_errors_in_the_batch_total():
+    """Residuals mostly near zero with a few stacks 10x over (a young committee): the batch total's upper
+    quantile is higher with the residuals resampled than with normal errors of the same variance; with
+    normal residuals the two agree. An unknown tail is an error."""
+    skewed = np.r_[np.full(27, -0.25), np.full(3, math.log(10.0)) - 0.25]
+    medians = np.full(6, 100.0)
+    high = {tail: batch_total_quantile(medians, LogErrorModel(skewed, 0.0, tail=tail), 0.8, np.random.default_rng(0))
+            for tail in ("normal", "bootstrap")}
+    assert high["bootstrap"] > 1.2 * high["normal"]
+    symmetric = np.random.default_rng(1).normal(0.0, 0.5, 400)
+    near = [batch_total_quantile(medians, LogErrorModel(symmetric, 0.0, tail=tail), 0.8, np.random.default_rng(2))
+            for tail in ("normal", "bootstrap")]
+    assert abs(near[0] - near[1]) < 0.05 * near[0]
+    with pytest.raises(IntervalError, match="tail"):
+        LogErrorModel(skewed, 0.0, tail="cauchy")

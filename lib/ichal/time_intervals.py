@@ -18,7 +18,10 @@ recalibration and one estimate of the error distribution, both fit on few residu
 young (measured, docs/results.md "Budgets that hold": with 20 residuals the first worklists of a
 repetition ran long together). So a batch's total is drawn from the posterior predictive of a normal
 log error whose mean and variance are unknown (normal-inverse-chi-square), one draw of them shared by
-the batch.
+the batch. With `tail="bootstrap"` the stacks' deviations from that shared draw are resampled from the centred
+residuals (scaled to the drawn variance) instead of drawn normal: the measured errors' heavy right tail (single
+stacks at 10-25x their prediction on a young committee) is kept. Measured on the young committee's replay
+(docs/results.md): 3-4 points fewer worklists over budget; not the default until a run shows it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ BATCH_DRAWS = 4000
 MIN_DRAWS = 400
 MAX_DRAWN_VALUES = 100_000
 MAX_DOUBLINGS = 40
+BATCH_TAILS = ("normal", "bootstrap")
 
 
 class IntervalError(ValueError):
@@ -58,6 +62,11 @@ class LogErrorModel:
     fallback_std: float
     intercept: float = 0.0
     slope: float = 1.0
+    tail: str = "normal"
+
+    def __post_init__(self) -> None:
+        if self.tail not in BATCH_TAILS:
+            raise IntervalError(f"tail must be one of {BATCH_TAILS}, got {self.tail!r}")
 
     @property
     def empirical(self) -> bool:
@@ -94,15 +103,22 @@ class LogErrorModel:
     def total_draws(self, median_seconds: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
         """`draws` samples of the batch's total seconds. Empirical: the posterior predictive of normal log
         errors with unknown mean and variance (flat prior) fit on the residuals, with one chi-square and one
-        normal draw per sample shared by the batch, so the uncertainty of the fit moves the stacks together.
-        Otherwise independent normal errors of `fallback_std`."""
+        normal draw per sample shared by the batch, so the uncertainty of the fit moves the stacks together;
+        each stack's deviation from it normal, or (`tail="bootstrap"`) a centred residual drawn with replacement and
+        scaled to the drawn variance. Otherwise independent normal errors of `fallback_std`."""
         medians = np.asarray(median_seconds, dtype=np.float64)
         if not self.empirical:
             return (medians[None, :] * np.exp(rng.normal(0.0, self.fallback_std, size=(draws, medians.size)))).sum(axis=1)
         k = len(self.residuals)
-        variances = (k - 1) * float(np.var(self.residuals, ddof=1)) / rng.chisquare(k - 1, size=(draws, 1))
+        sample_variance = float(np.var(self.residuals, ddof=1))
+        variances = (k - 1) * sample_variance / rng.chisquare(k - 1, size=(draws, 1))
         means = float(np.mean(self.residuals)) + np.sqrt(variances / k) * rng.standard_normal((draws, 1))
-        errors = means + np.sqrt(variances) * rng.standard_normal((draws, medians.size))
+        if self.tail == "bootstrap" and sample_variance > 0:
+            centred = self.residuals - np.mean(self.residuals)
+            deviations = centred[rng.integers(0, k, size=(draws, medians.size))] * np.sqrt(variances / sample_variance)
+        else:
+            deviations = np.sqrt(variances) * rng.standard_normal((draws, medians.size))
+        errors = means + deviations
         return (medians[None, :] * np.exp(errors)).sum(axis=1)
 
 
@@ -158,7 +174,8 @@ def recalibration_backtest(predicted_log: np.ndarray, measured_log: np.ndarray) 
             "recalibrated_median_abs_log_error": float(np.median(recalibrated))}
 
 
-def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fallback_std: float) -> LogErrorModel:
+def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fallback_std: float,
+                        tail: str = "normal") -> LogErrorModel:
     """Recalibration line and residuals from pairs of raw predicted and measured log-seconds, in the order
     they were measured. The line is used unless the backtest (`recalibration_backtest`, at least
     MIN_RESIDUALS predictions) found it worse than the raw predictions; then the raw errors are the residuals."""
@@ -167,12 +184,12 @@ def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fal
     predicted_log = np.asarray(predicted_log, dtype=np.float64)
     measured_log = np.asarray(measured_log, dtype=np.float64)
     if len(predicted_log) < MIN_RESIDUALS:
-        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std), tail=tail)
     backtest = recalibration_backtest(predicted_log, measured_log)
     if backtest["n"] >= MIN_RESIDUALS and backtest["recalibrated_median_abs_log_error"] > backtest["raw_median_abs_log_error"]:
-        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std), tail=tail)
     intercept, slope = _line(predicted_log, measured_log)
-    return LogErrorModel(measured_log - (intercept + slope * predicted_log), float(fallback_std), intercept, slope)
+    return LogErrorModel(measured_log - (intercept + slope * predicted_log), float(fallback_std), intercept, slope, tail)
 
 
 def batch_total_quantile(median_seconds: np.ndarray, errors: LogErrorModel, q: float,
