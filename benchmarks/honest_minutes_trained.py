@@ -17,7 +17,7 @@ The committee is not retrained between worklists: the question here is the time 
 
     python benchmarks/honest_minutes_trained.py --checkpoint C.pt --time-pool-seed 0 --time-pool-count 200 \
         --pool-seed 3000 --pool-count 120 --reps 10 --rounds 5 --json out/honest/trained.json
-    python benchmarks/honest_minutes_trained.py --hours-seed 0 --cache out/honest/hours0.pkl --seed-count 12 \
+    python benchmarks/honest_minutes_trained.py --hours-seed 0 --cache out/honest/hours0.pkl --seed-count 15 \
         --reps 10 --rounds 5 --json out/honest/young0.json
 """
 
@@ -125,7 +125,8 @@ def young_committee(args: argparse.Namespace) -> tuple[ExperimentConfig, list[Ph
     data = make_data(config, progress=True)
     seed_ids = seed_set_ids(data.pool_ids, config.hours_seed_fraction, args.hours_seed)
     time_model = LabelTimeModel().fit([data.true_features[i] for i in seed_ids], [data.true_seconds([i]) for i in seed_ids])
-    pool = [stack for stack in data.pool if stack.id not in set(seed_ids)]
+    labeled = set(seed_ids)
+    pool = [stack for stack in data.pool if stack.id not in labeled]
 
     def score() -> list[StackScores]:
         model, _ = train_labeled(config, data, seed_ids, args.hours_seed * 100, True)

@@ -296,11 +296,11 @@ def select_batch(method: str, scores: Sequence[StackScores], seconds: np.ndarray
     raise ExperimentError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
-def pick_time_errors(history: Sequence[dict], fallback_std: float, tail: str = "normal") -> LogErrorModel:
+def pick_time_errors(history: Sequence[dict], fallback_std: float) -> LogErrorModel:
     """The recalibration line and log errors of earlier picks (`history`: each stack's raw predicted
     log-seconds at pick time and its true seconds, in the order they were labeled)."""
     return fit_log_error_model(np.array([h["predicted_log_seconds"] for h in history]),
-                               np.log([h["true_seconds"] for h in history]), fallback_std, tail)
+                               np.log([h["true_seconds"] for h in history]), fallback_std)
 
 
 def budget_at_confidence(method: str, scores: Sequence[StackScores], raw_log: np.ndarray, history: Sequence[dict],
@@ -313,7 +313,7 @@ def budget_at_confidence(method: str, scores: Sequence[StackScores], raw_log: np
     `rng_seed`, so a random order stays the same while the time inflation is searched. `tail`: how the batch
     total's draws spread each stack (`LogErrorModel.tail`). Returns (indices,
     recalibrated median seconds of every stack, the batch total's quantile, the error model)."""
-    errors = pick_time_errors(history, fallback_std, tail)
+    errors = dataclasses.replace(pick_time_errors(history, fallback_std), tail=tail)
     medians = np.exp(errors.adjust(raw_log))
 
     def select(times: np.ndarray, budget: float) -> np.ndarray:

@@ -21,7 +21,7 @@ log error whose mean and variance are unknown (normal-inverse-chi-square), one d
 the batch. With `tail="bootstrap"` the stacks' deviations from that shared draw are resampled from the centred
 residuals (scaled to the drawn variance) instead of drawn normal: the measured errors' heavy right tail (single
 stacks at 10-25x their prediction on a young committee) is kept. Measured on the young committee's replay
-(docs/results.md): 3-4 points fewer worklists over budget; not the default until a run shows it.
+(docs/results.md): 3-6 points fewer worklists over budget; not the default until a run shows it.
 """
 
 from __future__ import annotations
@@ -174,8 +174,7 @@ def recalibration_backtest(predicted_log: np.ndarray, measured_log: np.ndarray) 
             "recalibrated_median_abs_log_error": float(np.median(recalibrated))}
 
 
-def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fallback_std: float,
-                        tail: str = "normal") -> LogErrorModel:
+def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fallback_std: float) -> LogErrorModel:
     """Recalibration line and residuals from pairs of raw predicted and measured log-seconds, in the order
     they were measured. The line is used unless the backtest (`recalibration_backtest`, at least
     MIN_RESIDUALS predictions) found it worse than the raw predictions; then the raw errors are the residuals."""
@@ -184,12 +183,12 @@ def fit_log_error_model(predicted_log: np.ndarray, measured_log: np.ndarray, fal
     predicted_log = np.asarray(predicted_log, dtype=np.float64)
     measured_log = np.asarray(measured_log, dtype=np.float64)
     if len(predicted_log) < MIN_RESIDUALS:
-        return LogErrorModel(measured_log - predicted_log, float(fallback_std), tail=tail)
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
     backtest = recalibration_backtest(predicted_log, measured_log)
     if backtest["n"] >= MIN_RESIDUALS and backtest["recalibrated_median_abs_log_error"] > backtest["raw_median_abs_log_error"]:
-        return LogErrorModel(measured_log - predicted_log, float(fallback_std), tail=tail)
+        return LogErrorModel(measured_log - predicted_log, float(fallback_std))
     intercept, slope = _line(predicted_log, measured_log)
-    return LogErrorModel(measured_log - (intercept + slope * predicted_log), float(fallback_std), intercept, slope, tail)
+    return LogErrorModel(measured_log - (intercept + slope * predicted_log), float(fallback_std), intercept, slope)
 
 
 def batch_total_quantile(median_seconds: np.ndarray, errors: LogErrorModel, q: float,
