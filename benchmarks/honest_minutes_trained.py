@@ -11,8 +11,9 @@ Two committees can be replayed:
 
 The pool is scored once; then, for each repetition, a random seed worklist is "labeled" first (its pick-time
 errors are the first residuals, as after a site's first random worklists), and each method picks R worklists in
-turn, each within `budget_fraction` of the pool's true seconds at `--confidence`, recalibrated on the errors of
-every stack labeled before it (`ichal.experiment.budget_at_confidence`, the experiment's and the app's logic).
+turn, each within `budget_fraction` of the pool's true seconds at `--confidence` (raised by the overruns of that
+method's earlier worklists, `--confidence-step`), recalibrated on the errors of every stack labeled before it
+(`ichal.experiment.budget_at_confidence` and `worklist_confidence`, the experiment's and the app's logic).
 The committee is not retrained between worklists: the question here is the time estimate, not the model.
 
     python benchmarks/honest_minutes_trained.py --checkpoint C.pt --time-pool-seed 0 --time-pool-count 200 \
@@ -38,11 +39,12 @@ from tqdm import tqdm
 
 from ichal.cost import LabelTimeModel
 from ichal.ensemble import load_ensemble
-from ichal.experiment import (CONFIGS, METHODS, ExperimentConfig, StackScores, budget_at_confidence, make_data,
-                              protocol_data_config, score_stacks, seed_set_ids, train_labeled, true_mask_features)
+from ichal.experiment import (CONFIGS, METHODS, ExperimentConfig, StackScores, batch_outcome, budget_at_confidence,
+                              make_data, protocol_data_config, score_stacks, seed_set_ids, train_labeled,
+                              true_mask_features, worklist_confidence)
 from ichal.io import atomic_write_bytes
 from ichal.phantom import PhantomStack, generate_pool
-from ichal.time_intervals import BATCH_TAILS
+from ichal.time_intervals import BATCH_TAILS, CONFIDENCE_STEP, DEFAULT_BATCH_TAIL
 
 
 def batch_record(rep: int, method: str, round_index: int, indices: np.ndarray, medians: np.ndarray,
@@ -82,7 +84,15 @@ def summarize(batches: list[dict]) -> dict:
         "selection_raw": float(np.nanmean([b["selection_raw"] for b in picked])),
         "selection_recalibrated": float(np.nanmean([b["selection_recalibrated"] for b in picked])),
         "true_over_budget_total": math.fsum(b["true_seconds"] for b in picked) / math.fsum(b["budget"] for b in picked),
+        "share_over_budget_by_round": [float(np.mean([b["over_budget"] for b in picked if b["round"] == r]))
+                                       for r in sorted({b["round"] for b in picked})],
+        "mean_applied_confidence": float(np.mean([b["applied_confidence"] for b in picked])),
     }
+
+
+def budget_settings(args: argparse.Namespace) -> dict:
+    """The ExperimentConfig fields of the budgeting rule the command line asks for."""
+    return {"budget_confidence": args.confidence, "batch_tail": args.batch_tail, "confidence_step": args.confidence_step}
 
 
 def cached_scores(cache: Path | None, key: tuple, score: Callable[[], list[StackScores]]) -> list[StackScores]:
@@ -98,7 +108,7 @@ def cached_scores(cache: Path | None, key: tuple, score: Callable[[], list[Stack
 
 def trained_committee(args: argparse.Namespace) -> tuple[ExperimentConfig, list[PhantomStack], list[StackScores], LabelTimeModel]:
     """A finished checkpoint, the time model of its training stacks, a fresh pool scored by it."""
-    config = dataclasses.replace(CONFIGS["quick"], name="trained", size=args.size, budget_confidence=args.confidence)
+    config = dataclasses.replace(CONFIGS["quick"], name="trained", size=args.size, **budget_settings(args))
     labeled = list(tqdm(generate_pool(args.time_pool_count, args.size, args.time_pool_seed), total=args.time_pool_count,
                         desc="committee's training stacks", unit="stack"))
     time_model = LabelTimeModel().fit(
@@ -121,7 +131,7 @@ def young_committee(args: argparse.Namespace) -> tuple[ExperimentConfig, list[Ph
     """Round 0 of the per-hour protocol's seed `args.hours_seed`, the time model of its seed set's true masks,
     and the rest of that seed's pool, scored by it."""
     config = dataclasses.replace(protocol_data_config("hours", CONFIGS["hours"], args.hours_seed),
-                                 budget_confidence=args.confidence)
+                                 **budget_settings(args))
     data = make_data(config, progress=True)
     seed_ids = seed_set_ids(data.pool_ids, config.hours_seed_fraction, args.hours_seed)
     time_model = LabelTimeModel().fit([data.true_features[i] for i in seed_ids], [data.true_seconds([i]) for i in seed_ids])
@@ -152,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget-fraction", type=float, default=0.05)
     parser.add_argument("--confidence", type=float, default=0.8)
-    parser.add_argument("--batch-tail", choices=BATCH_TAILS, default="normal",
+    parser.add_argument("--confidence-step", type=float, default=CONFIDENCE_STEP,
+                        help="each worklist's quantile raised by the earlier ones' overruns "
+                             "(ichal.time_intervals.confidence_offset; 0: the asked confidence)")
+    parser.add_argument("--batch-tail", choices=BATCH_TAILS, default=DEFAULT_BATCH_TAIL,
                         help="each stack's error in the batch total's draws (ichal.time_intervals.LogErrorModel.tail)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["cost_sensitive", "random", "uncertainty"])
     parser.add_argument("--cache", type=Path, help="pickle of the pool's scores (reused when it matches)")
@@ -174,16 +187,21 @@ def main(argv: list[str] | None = None) -> int:
             labeled_idx = [int(i) for i in first]
             history = [{"predicted_log_seconds": float(raw_log_all[i]), "true_seconds": float(true_seconds[i])}
                        for i in labeled_idx]
+            outcomes: list[dict] = []
             for round_index in range(1, args.rounds + 1):
                 unlabeled = np.array([i for i in range(len(pool)) if i not in set(labeled_idx)])
                 raw_log = raw_log_all[unlabeled]
+                confidence = worklist_confidence(outcomes, config)
                 indices, medians, high_total, errors = budget_at_confidence(
                     method, [scores[i] for i in unlabeled], raw_log, history, time_model.residual_std_, budget,
-                    config, [rep, m, round_index], rep * 1000 + round_index, args.batch_tail)
-                batches.append(batch_record(rep, method, round_index, indices, medians, errors.mean_factor(),
-                                            high_total, errors.interval(args.confidence), raw_log, raw_mean_factor,
-                                            true_seconds[unlabeled], budget))
+                    confidence, config, [rep, m, round_index], rep * 1000 + round_index)
+                batch = batch_record(rep, method, round_index, indices, medians, errors.mean_factor(), high_total,
+                                     errors.interval(args.confidence), raw_log, raw_mean_factor, true_seconds[unlabeled],
+                                     budget)
+                batches.append(batch | {"applied_confidence": confidence})
                 picked = unlabeled[indices]
+                if len(picked):
+                    outcomes.append(batch_outcome(budget, batch["true_seconds"], args.confidence))
                 history += [{"predicted_log_seconds": float(raw_log_all[i]), "true_seconds": float(true_seconds[i])}
                             for i in picked]
                 labeled_idx += [int(i) for i in picked]
@@ -225,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:16} {s['batches']:7d} {s['stacks']:6d} {s['median_batch_rel_error_raw']:+13.0%} "
               f"{s['median_batch_rel_error']:+9.0%} {s['share_over_budget']:11.0%} {s['interval_coverage']:8.0%} "
               f"{s['median_abs_log_error']:12.2f} {s['selection_raw']:+13.2f} {s['selection_recalibrated']:+11.2f}")
+    by_round = " / ".join(f"{share:.0%}" for share in summaries["all"]["share_over_budget_by_round"])
+    print(f"over budget by round, all methods: {by_round}; true seconds / budget "
+          f"{summaries['all']['true_over_budget_total']:.2f}; mean applied confidence "
+          f"{summaries['all']['mean_applied_confidence']:.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "pool": pool_summary,

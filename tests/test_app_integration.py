@@ -242,7 +242,28 @@ def test_a_worklist_is_worked_through_and_its_total_checked_against_the_measured
         # Labeled in seconds against a prediction of minutes: far under the total, within the budget.
         assert calibration["median_batch_error"] < -0.9 and calibration["share_over_budget"] == 0.0
         other = carol.next_sample("random", {"budget_minutes": 40})
-        assert other["worklist_id"] != answer["worklist_id"]
+        assert other["worklist_id"] != answer["worklist_id"] and other["applied_confidence"] == 0.8
     # Calibration is kept in the state database: a restarted server reports the same.
     with running_server(pool, CONF, tmp_path / "server-restarted.log") as url:
         assert client(url, "carol", tmp_path).info()["ichal"]["time_model"]["calibration"] == calibration
+
+
+def test_after_a_worklist_overruns_its_budget_the_next_is_budgeted_at_a_raised_confidence(tmp_path):
+    """Unscored stacks predicted at 0.6 s each: a 3 s worklist holds a few of them. Labeled after a 4 s pause, it
+    overruns; /info/ shows the offset and the next worklist's total is at the raised quantile (0.8 + 0.15 x 0.8)."""
+    pool = tmp_path / "pool"
+    write_pool(pool, count=8, size=48, seed=6, labeled_count=0, progress=False)
+    with running_server(pool, CONF | {"unscored_stack_minutes": "0.01"}, tmp_path / "server.log") as url:
+        dave = client(url, "dave", tmp_path)
+        first = dave.next_sample("random", {"budget_minutes": 0.05, "audit_stacks": 0})
+        assert first["applied_confidence"] == first["confidence"] == 0.8 and len(first["worklist"]) < 8
+        time.sleep(4)
+        answer = first
+        while answer.get("worklist_id") == first["worklist_id"]:
+            dave.save_label(answer["id"], str(pool / "phantom_truth" / f"{answer['id']}.nii.gz"), tag="final")
+            answer = dave.next_sample("random", {"budget_minutes": 0.05, "audit_stacks": 0})
+        calibration = dave.info()["ichal"]["time_model"]["calibration"]
+        assert calibration["batches"] == 1 and calibration["share_over_budget"] == 1.0
+        assert calibration["confidence_offset"] == pytest.approx(0.15 * 0.8)
+        raised = dave.next_sample("random", {"budget_minutes": 40})
+        assert raised["confidence"] == 0.8 and raised["applied_confidence"] == pytest.approx(0.92)

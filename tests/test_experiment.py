@@ -20,6 +20,7 @@ from ichal.experiment import (
 )
 from ichal.experiment_plots import pick_time_diagnosis, plot_paired_differences, time_calibration
 from ichal.metrics import PairedDifference
+from ichal.time_intervals import applied_confidence, confidence_offset
 
 MINI = ExperimentConfig(name="mini", pool_count=16, test_count=3, size=32, rounds=2, members=2, iterations=4,
                         batch_size=4, coreset_seed_fraction=0.125)
@@ -188,6 +189,21 @@ def test_paired_differences_plot_is_a_png_and_refuses_mismatched_metrics(tmp_pat
     with pytest.raises(ValueError, match="same metrics"):
         plot_paired_differences([differences(0.05)[:1]], differences(0.0), ("a", "b"), tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_each_cost_round_is_budgeted_at_the_confidence_its_earlier_rounds_overruns_call_for(cost_run):
+    """As the app does: round 1 at the asked confidence, each later round raised by the earlier batches that took
+    longer than the budget (`ichal.time_intervals.confidence_offset`), from the batches' true seconds."""
+    _, records = cost_run
+    for method in {r["method"] for r in records}:
+        outcomes: list[dict] = []
+        for record in sorted((r for r in records if r["method"] == method and r["round"] > 0), key=lambda r: r["round"]):
+            expected = applied_confidence(MINI.budget_confidence, confidence_offset(outcomes, MINI.confidence_step))
+            assert record["applied_confidence"] == pytest.approx(expected)
+            if record["n_picked"]:
+                outcomes.append({"measured_seconds": record["picked_true_seconds"], "budget_seconds": record["budget"],
+                                 "confidence": MINI.budget_confidence})
+            assert record["batch_outcomes"] == outcomes
 
 
 def test_time_calibration_reports_each_methods_batches_before_and_after(cost_run):

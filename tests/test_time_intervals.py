@@ -12,11 +12,15 @@ from ichal.selection import uncertainty_select
 from ichal.time_intervals import (
     MIN_RESIDUALS,
     IntervalError,
+    MAX_APPLIED_CONFIDENCE,
+    MAX_CONFIDENCE_OFFSET,
     LogErrorModel,
+    applied_confidence,
     batch_total_quantile,
     batch_outcomes,
     calibration_summary,
     check_confidence,
+    confidence_offset,
     fit_log_error_model,
     recalibration_backtest,
     log_error_model,
@@ -104,8 +108,8 @@ def test_a_young_fit_widens_the_batch_total_beyond_independent_errors():
     # Same spread, 12 residuals vs. 400: with 12 the mean and spread are uncertain and shared by the batch's
     # 30 stacks (their errors do not average away), so the 0.8-quantile of the total must be higher.
     medians = np.full(30, 100.0)
-    young = LogErrorModel(standard_errors(12, 0.6), fallback_std=0.0)
-    settled = LogErrorModel(standard_errors(400, 0.6), fallback_std=0.0)
+    young = LogErrorModel(standard_errors(12, 0.6), fallback_std=0.0, tail="normal")
+    settled = LogErrorModel(standard_errors(400, 0.6), fallback_std=0.0, tail="normal")
     young_high = batch_total_quantile(medians, young, 0.8, np.random.default_rng(0))
     settled_high = batch_total_quantile(medians, settled, 0.8, np.random.default_rng(0))
     assert young_high > 1.11 * settled_high  # 1.13 measured; 1.08 if each stack drew its own fit
@@ -257,3 +261,40 @@ def test_a_bootstrap_tail_keeps_the_right_tail_of_skewed_errors_in_the_batch_tot
     assert abs(near[0] - near[1]) < 0.05 * near[0]
     with pytest.raises(IntervalError, match="tail"):
         LogErrorModel(skewed, 0.0, tail="cauchy")
+
+
+def outcome(over: bool, confidence: float = 0.8) -> dict:
+    return {"measured_seconds": 120.0 if over else 80.0, "budget_seconds": 100.0, "confidence": confidence}
+
+
+def test_each_overrun_raises_the_applied_confidence_and_each_worklist_within_lowers_it_never_below_the_asked():
+    assert confidence_offset([]) == 0.0
+    assert confidence_offset([outcome(True)], step=0.1) == pytest.approx(0.08)
+    assert confidence_offset([outcome(True), outcome(False)], step=0.1) == pytest.approx(0.06)
+    # Bounded at every step: a run within budget does not bank credit against later overruns.
+    assert confidence_offset([outcome(False)] * 20 + [outcome(True)], step=0.1) == pytest.approx(0.08)
+    assert confidence_offset([outcome(True)] * 50, step=0.1) == pytest.approx(MAX_CONFIDENCE_OFFSET)
+    assert applied_confidence(0.8, 0.08) == pytest.approx(0.88)
+    assert applied_confidence(0.8, 0.2) == MAX_APPLIED_CONFIDENCE
+    assert confidence_offset([outcome(True)] * 3, step=0.0) == 0.0
+    with pytest.raises(IntervalError, match="confidence"):
+        confidence_offset([outcome(True, confidence=1.0)])
+    with pytest.raises(IntervalError, match="step"):
+        confidence_offset([outcome(True)], step=float("nan"))
+
+
+def test_the_adaptive_confidence_brings_a_too_narrow_models_share_over_budget_down_to_the_asked():
+    """Worklists whose true log error is twice as wide as the model believes: budgeted at the model's 0.8-quantile
+    a third of them overrun; with the offset learned from the earlier ones, the long-run share is 1 - 0.8."""
+    rng = np.random.default_rng(0)
+    true_errors = rng.normal(0.0, 1.0, size=600)
+
+    def share_over(step: float) -> float:
+        outcomes = []
+        for error in true_errors:
+            level = applied_confidence(0.8, confidence_offset(outcomes, step))
+            outcomes.append(outcome(bool(error > 0.5 * norm.ppf(level))))
+        return float(np.mean([o["measured_seconds"] > o["budget_seconds"] for o in outcomes]))
+
+    assert share_over(0.0) > 0.3
+    assert abs(share_over(0.15) - 0.2) < 0.03

@@ -119,7 +119,7 @@ class HemorrhageApp(MONAILabelApp):
         curve, audit_points, advice = self.context.stopping()
         meta["ichal"] = {
             # `calibration`: how the predictions made at serve time held against the measured seconds.
-            "time_model": {**self.context.time_model().describe(), "calibration": calibration_summary(records)},
+            "time_model": {**self.context.time_model().describe(), "calibration": calibration_summary(records, self.context.settings.confidence_step)},
             "measured_label_times": len(records),
             "model": None if model is None else {k: model.meta.get(k) for k in ("version", "created", "preset", "train_ids", "metrics")},
             "settings": {key: getattr(self.settings, key) for key in CONF_KEYS},

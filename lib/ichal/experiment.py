@@ -49,7 +49,8 @@ from ichal.selection import (
     roi_select,
     uncertainty_select,
 )
-from ichal.time_intervals import LogErrorModel, fit_log_error_model, select_within_budget_at_confidence
+from ichal.time_intervals import (BATCH_TAILS, CONFIDENCE_STEP, DEFAULT_BATCH_TAIL, LogErrorModel, applied_confidence,
+                                  confidence_offset, fit_log_error_model, select_within_budget_at_confidence)
 from ichal.train import TrainItem, TrainSettings, train_ensemble
 from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
 
@@ -109,6 +110,10 @@ class ExperimentConfig:
     lookalike_fraction: float = 0.5  # TrainSettings.lookalike_fraction; docs/results.md runs predate it (0)
     hard_negative_fraction: float = TrainSettings.hard_negative_fraction
     budget_confidence: float = 0.8  # cost rounds: P(batch's true seconds <= budget) under the batch interval
+    batch_tail: str = DEFAULT_BATCH_TAIL  # ichal.time_intervals.LogErrorModel.tail
+    # Each round's batch quantile raised by the earlier rounds' overruns (ichal.time_intervals.confidence_offset;
+    # 0: the asked confidence, always).
+    confidence_step: float = CONFIDENCE_STEP
     # Cost protocol: folds of the seed set whose committees predict the held-out fold (never seen), giving
     # round 1 pick-time time errors to recalibrate on (0: round 1 has none, only the fallback spread).
     crossfit_folds: int = 2
@@ -124,6 +129,10 @@ class ExperimentConfig:
                 raise ExperimentError(f"config {self.name!r}: {name} must be in (0, 1), got {getattr(self, name)}")
         if self.crossfit_folds == 1 or self.crossfit_folds < 0:
             raise ExperimentError(f"config {self.name!r}: crossfit_folds must be 0 or at least 2, got {self.crossfit_folds}")
+        if self.batch_tail not in BATCH_TAILS:
+            raise ExperimentError(f"config {self.name!r}: batch_tail must be one of {BATCH_TAILS}, got {self.batch_tail!r}")
+        if not (math.isfinite(self.confidence_step) and self.confidence_step >= 0):
+            raise ExperimentError(f"config {self.name!r}: confidence_step must be 0 or more, got {self.confidence_step}")
         for name in ("lookalike_fraction", "hard_negative_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ExperimentError(f"config {self.name!r}: {name} must be in [0, 1], got {getattr(self, name)}")
@@ -304,24 +313,34 @@ def pick_time_errors(history: Sequence[dict], fallback_std: float) -> LogErrorMo
 
 
 def budget_at_confidence(method: str, scores: Sequence[StackScores], raw_log: np.ndarray, history: Sequence[dict],
-                         fallback_std: float, budget_seconds: float, config: ExperimentConfig,
-                         rng_seed: Sequence[int], draw_seed: int,
-                         tail: str = "normal") -> tuple[np.ndarray, np.ndarray, float, LogErrorModel]:
+                         fallback_std: float, budget_seconds: float, confidence: float, config: ExperimentConfig,
+                         rng_seed: Sequence[int], draw_seed: int) -> tuple[np.ndarray, np.ndarray, float, LogErrorModel]:
     """As the app budgets a worklist: the raw predicted log-seconds `raw_log` recalibrated on the earlier
     picks' errors, and `method`'s batch chosen so that its total stays within `budget_seconds` with
-    probability `config.budget_confidence`. Every trial selection draws from a fresh generator seeded with
-    `rng_seed`, so a random order stays the same while the time inflation is searched. `tail`: how the batch
-    total's draws spread each stack (`LogErrorModel.tail`). Returns (indices,
-    recalibrated median seconds of every stack, the batch total's quantile, the error model)."""
-    errors = dataclasses.replace(pick_time_errors(history, fallback_std), tail=tail)
+    probability `confidence` (the applied one: `worklist_confidence`) under batch totals drawn with
+    `config.batch_tail`. Every trial selection draws from a fresh generator seeded with `rng_seed`, so a random
+    order stays the same while the time inflation is searched. Returns (indices, recalibrated median seconds of
+    every stack, the batch total's quantile, the error model)."""
+    errors = dataclasses.replace(pick_time_errors(history, fallback_std), tail=config.batch_tail)
     medians = np.exp(errors.adjust(raw_log))
 
     def select(times: np.ndarray, budget: float) -> np.ndarray:
         return select_batch(method, scores, times, budget, np.random.default_rng(list(rng_seed)), config).indices
 
-    indices, _, high_total = select_within_budget_at_confidence(select, medians, budget_seconds, errors,
-                                                                config.budget_confidence, seed=draw_seed)
+    indices, _, high_total = select_within_budget_at_confidence(select, medians, budget_seconds, errors, confidence,
+                                                                seed=draw_seed)
     return np.asarray(indices, dtype=int), medians, high_total, errors
+
+
+def worklist_confidence(outcomes: Sequence[dict], config: ExperimentConfig) -> float:
+    """The batch quantile a round budgets at, as the app does: `config.budget_confidence` raised by the overruns
+    of the earlier rounds' batches (`outcomes`: `ichal.time_intervals.batch_outcomes` records, in order)."""
+    return applied_confidence(config.budget_confidence, confidence_offset(outcomes, config.confidence_step))
+
+
+def batch_outcome(budget_seconds: float, true_seconds: float, confidence: float) -> dict:
+    """One labeled batch as `ichal.time_intervals.confidence_offset` reads it: the confidence asked."""
+    return {"measured_seconds": true_seconds, "budget_seconds": budget_seconds, "confidence": confidence}
 
 
 def _mean_or_nan(values: np.ndarray) -> float:
@@ -459,6 +478,9 @@ class _Run:
                 if self.protocol != "coreset" and self.config.crossfit_folds else []
         raw_log = time_model.predict_log([s.features for s in scores])
         budget = self.budget_fraction * self.total_seconds
+        outcomes = previous.get("batch_outcomes", [])
+        confidence = worklist_confidence(outcomes, self.config)
+        budgeted = self.protocol != "coreset" and method != "oracle_cost"
         if self.protocol == "coreset":  # doubling: as many new stacks as are labeled, one "second" each
             errors = pick_time_errors(history, time_model.residual_std_)
             medians = np.exp(errors.adjust(raw_log))
@@ -473,7 +495,7 @@ class _Run:
             high_total = math.fsum(true_seconds[indices])
         else:
             indices, medians, high_total, errors = budget_at_confidence(
-                method, scores, raw_log, history, time_model.residual_std_, budget, self.config,
+                method, scores, raw_log, history, time_model.residual_std_, budget, confidence, self.config,
                 _rng_seed(seed, method, round_index), seed * 1000 + round_index)
         expected = medians * errors.mean_factor()
         indices = np.asarray(indices, dtype=int)
@@ -491,6 +513,7 @@ class _Run:
             "budget_unit": "stacks" if self.protocol == "coreset"
             else "true seconds, exact (oracle)" if method == "oracle_cost" else "true seconds at confidence",
             "budget_confidence": self.config.budget_confidence,
+            "applied_confidence": confidence if budgeted else None,
             "picked_ids": picked, "n_picked": len(picked),
             "picked_budget_used": float(len(picked)) if self.protocol == "coreset"
             else picked_true if method == "oracle_cost" else picked_predicted,
@@ -511,6 +534,10 @@ class _Run:
             },
             "recalibration": {"n": len(history), "intercept": errors.intercept, "slope": errors.slope,
                               "empirical": errors.empirical},
+            # Budgeted batches labeled so far, for the next round's applied confidence (the app never serves an
+            # empty worklist, so an empty batch is not one).
+            "batch_outcomes": outcomes + ([batch_outcome(budget, picked_true, self.config.budget_confidence)]
+                                          if budgeted and picked else []),
             "pick_history": history + [{"id": unlabeled[i].id, "predicted_log_seconds": float(raw_log[i]),
                                         "true_seconds": float(np.exp(true_log[i]))} for i in indices],
             "picked_positive": sum(bool(unlabeled[i].label.any()) for i in indices),

@@ -18,10 +18,15 @@ recalibration and one estimate of the error distribution, both fit on few residu
 young (measured, docs/results.md "Budgets that hold": with 20 residuals the first worklists of a
 repetition ran long together). So a batch's total is drawn from the posterior predictive of a normal
 log error whose mean and variance are unknown (normal-inverse-chi-square), one draw of them shared by
-the batch. With `tail="bootstrap"` the stacks' deviations from that shared draw are resampled from the centred
-residuals (scaled to the drawn variance) instead of drawn normal: the measured errors' heavy right tail (single
-stacks at 10-25x their prediction on a young committee) is kept. Measured on the young committee's replay
-(docs/results.md): 3-6 points fewer worklists over budget; not the default until a run shows it.
+the batch. Each stack's deviation from that shared draw is a centred residual resampled with replacement
+(scaled to the drawn variance; `tail="bootstrap"`, the default) rather than a normal draw (`tail="normal"`):
+the measured errors' heavy right tail (single stacks at 10-25x their prediction on a young committee) is kept.
+
+What no model of the errors catches (a strategy's selection effect, a tail the residuals have not shown yet)
+the site's own worklists do: `confidence_offset` raises the quantile the next worklist is budgeted at after
+each overrun and lowers it back after each worklist within budget (adaptive conformal inference), so the
+share of worklists over budget comes down to 1 - confidence. Measured on the young committee's replay
+(docs/results.md, "Budgets that learn from overruns").
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ MIN_DRAWS = 400
 MAX_DRAWN_VALUES = 100_000
 MAX_DOUBLINGS = 40
 BATCH_TAILS = ("normal", "bootstrap")
+DEFAULT_BATCH_TAIL = "bootstrap"
+CONFIDENCE_STEP = 0.15
+MAX_APPLIED_CONFIDENCE = 0.99
+MAX_CONFIDENCE_OFFSET = 0.5
 
 
 class IntervalError(ValueError):
@@ -62,7 +71,7 @@ class LogErrorModel:
     fallback_std: float
     intercept: float = 0.0
     slope: float = 1.0
-    tail: str = "normal"
+    tail: str = DEFAULT_BATCH_TAIL
 
     def __post_init__(self) -> None:
         if self.tail not in BATCH_TAILS:
@@ -292,17 +301,45 @@ def batch_outcomes(records: Sequence[dict]) -> list[dict]:
     return outcomes
 
 
-def calibration_summary(records: Sequence[dict]) -> dict:
+def confidence_offset(outcomes: Sequence[dict], step: float = CONFIDENCE_STEP) -> float:
+    """How far above the asked confidence the next worklist's batch total is budgeted, learned from this site's
+    worklists labeled through (`batch_outcomes`, in order): adaptive conformal inference (Gibbs & Candes 2021)
+    on their overruns. Each worklist over its budget raises the offset by step x confidence, each within it lowers
+    the offset by step x (1 - confidence): where worklists overrun
+    more often than 1 - confidence, whatever the time model misses (a selection effect, heavy tails, a young
+    committee), the next ones are budgeted more cautiously until the share over budget comes down to 1 - confidence.
+    Kept in [0, MAX_CONFIDENCE_OFFSET] at every step: never below the asked confidence, so a long run within budget
+    does not bank credit against later overruns; above what `applied_confidence` applies (at most
+    MAX_APPLIED_CONFIDENCE), so the overruns of worklists budgeted at that cap still count against the next ones."""
+    if not (math.isfinite(step) and step >= 0):
+        raise IntervalError(f"confidence step must be a finite non-negative number, got {step}")
+    offset = 0.0
+    for outcome in outcomes:
+        confidence = check_confidence(outcome["confidence"])
+        over = outcome["measured_seconds"] > outcome["budget_seconds"]
+        offset = min(MAX_CONFIDENCE_OFFSET, max(0.0, offset + step * (float(over) - (1.0 - confidence))))
+    return offset
+
+
+def applied_confidence(confidence: float, offset: float) -> float:
+    """The quantile level a worklist's batch total is budgeted at: the asked `confidence` raised by `offset`
+    (`confidence_offset`), at most MAX_APPLIED_CONFIDENCE (and never below the asked confidence)."""
+    return max(check_confidence(confidence), min(MAX_APPLIED_CONFIDENCE, confidence + offset))
+
+
+def calibration_summary(records: Sequence[dict], confidence_step: float = CONFIDENCE_STEP) -> dict:
     """How the predictions made at serve time held, from the time records.
 
     Per stack: n, median log error (log measured/predicted median; > 0 means labeling took longer than
     predicted), median |log error|, and the share of measured times inside the interval given at serve
     time. Per worklist labeled through (`batch_outcomes`): batches seen, median relative error of the
-    total (measured - predicted) / predicted, and the share over budget."""
+    total (measured - predicted) / predicted, the share over budget, and the `confidence_offset` the next
+    worklist's confidence is raised by."""
     rows = [(r["seconds"], r["at_serve"]) for r in records
             if r.get("seconds", 0) > 0 and isinstance((r.get("at_serve") or {}).get("predicted_log_seconds"), (int, float))]
     if not rows:
-        return {"n": 0, "batches": 0, "note": "no label saved after a serve with a time prediction yet"}
+        return {"n": 0, "batches": 0, "confidence_offset": 0.0,
+                "note": "no label saved after a serve with a time prediction yet"}
     # Judge what was served (the recalibrated median when there was one), not the raw time model.
     errors = np.array([math.log(seconds) - at_serve.get("served_log_seconds", at_serve["predicted_log_seconds"])
                        for seconds, at_serve in rows])
@@ -323,4 +360,5 @@ def calibration_summary(records: Sequence[dict]) -> dict:
         "median_batch_error": float(np.median([(b["measured_seconds"] - b["predicted_seconds"]) / b["predicted_seconds"]
                                                for b in batches])) if batches else None,
         "share_over_budget": float(np.mean([b["measured_seconds"] > b["budget_seconds"] for b in batches])) if batches else None,
+        "confidence_offset": confidence_offset(batches, confidence_step),
     }

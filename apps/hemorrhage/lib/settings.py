@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ichal.learning_curve import CurveError, StoppingRule
+from ichal.time_intervals import CONFIDENCE_STEP
 
 
 def parse_bool(raw: str) -> bool:
@@ -34,6 +35,7 @@ CONF_KEYS: dict[str, tuple[type, object, str]] = {
     "device": (str, "cpu", "torch device for inference, scoring and training (cpu, cuda, cuda:1)"),
     "budget_minutes": (float, 60.0, "default labeling budget of a worklist when a request gives none"),
     "budget_confidence": (float, 0.8, "probability that a worklist's total labeling time stays within its budget (request parameter confidence)"),
+    "confidence_step": (float, CONFIDENCE_STEP, "how much each worklist over its budget raises the confidence the next ones are budgeted at (each within it lowers it back toward the asked one; 0: never raised)"),
     "audit_stacks": (int, 2, "random stacks per worklist, within its budget, withheld from one training to measure its gain (request parameter audit_stacks; 0: none)"),
     "checkout_minutes": (float, 30.0, "how long a served stack stays reserved for the annotator it was served to"),
     "idle_limit_seconds": (float, 300.0, "gaps between an annotator's events longer than this count only this much"),
@@ -95,6 +97,7 @@ class AppSettings:
     device: str
     budget_minutes: float
     budget_confidence: float
+    confidence_step: float
     audit_stacks: int
     checkout_minutes: float
     idle_limit_seconds: float
@@ -146,6 +149,8 @@ class AppSettings:
                 raise ConfError(f"--conf {name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.budget_confidence < 1.0:
             raise ConfError(f"--conf budget_confidence must be strictly between 0 and 1, got {self.budget_confidence}")
+        if not (math.isfinite(self.confidence_step) and self.confidence_step >= 0):
+            raise ConfError(f"--conf confidence_step must be 0 or more, got {self.confidence_step}")
         if self.audit_stacks < 0:
             raise ConfError(f"--conf audit_stacks must be 0 or more stacks, got {self.audit_stacks}")
         if not 0.0 <= self.overlap < 1.0:

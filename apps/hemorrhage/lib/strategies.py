@@ -29,7 +29,8 @@ from ichal.selection import (
     uncertainty_select,
 )
 
-from ichal.time_intervals import IntervalError, LogErrorModel, check_confidence, log_error_model, select_within_budget_at_confidence
+from ichal.time_intervals import (IntervalError, LogErrorModel, applied_confidence, batch_outcomes, check_confidence,
+                                  confidence_offset, log_error_model, select_within_budget_at_confidence)
 from .autolabel import MACHINE_TAG
 from .context import AppContext
 from .errors import client_error
@@ -188,7 +189,12 @@ class BudgetedStrategy(Strategy):
                                    status=409)
             candidates = [i for i in candidates if i in scores]
         ids = audit_ids + candidates  # the audits are indices 0 .. len(audit_ids) - 1
-        estimate = self._time_estimate(ids, scores, asked.confidence)
+        records = self.context.label_times.read()
+        estimate = self._time_estimate(ids, scores, asked.confidence, records)
+        # The batch total's quantile: the asked confidence, raised while this site's worklists overran their
+        # budgets more often than 1 - confidence (`ichal.time_intervals.confidence_offset`).
+        applied = applied_confidence(asked.confidence,
+                                     confidence_offset(batch_outcomes(records), self.context.settings.confidence_step))
         values = np.array([scores[i]["value"] if i in scores else 0.0 for i in ids])
 
         def select_rest(rest: np.ndarray, times: np.ndarray, budget: float) -> np.ndarray:
@@ -198,13 +204,14 @@ class BudgetedStrategy(Strategy):
             return select_with_audits(times, budget, np.arange(len(audit_ids)), select_rest)
 
         picked, _, total_high = select_within_budget_at_confidence(
-            select, estimate.median_seconds, asked.budget_seconds, estimate.errors, asked.confidence,
+            select, estimate.median_seconds, asked.budget_seconds, estimate.errors, applied,
             seed=self.context.settings.seed)
         if not len(picked):
             quickest = float(estimate.high_seconds.min()) / 60
+            raised = f" (raised to {applied:.2f}: earlier worklists overran their budgets)" if applied > asked.confidence else ""
             raise client_error(
-                f"no unlabeled stack fits a budget of {asked.budget_seconds / 60:.1f} min at confidence {asked.confidence}: "
-                f"the quickest may take up to {quickest:.1f} min; raise budget_minutes or lower confidence",
+                f"no unlabeled stack fits a budget of {asked.budget_seconds / 60:.1f} min at confidence {asked.confidence}"
+                f"{raised}: the quickest may take up to {quickest:.1f} min; raise budget_minutes or lower confidence",
                 status=422,
             )
         time_model_source = self.context.time_model().describe()["source"]
@@ -213,6 +220,7 @@ class BudgetedStrategy(Strategy):
             "strategy": self.name,
             "budget_seconds": asked.budget_seconds,
             "confidence": asked.confidence,
+            "applied_confidence": applied,
             "audit_stacks": asked.audit_stacks,
             "committee_version": None if model is None else model.meta["version"],
             "predicted_seconds": float(estimate.expected_seconds[picked].sum()),
@@ -292,19 +300,21 @@ class BudgetedStrategy(Strategy):
             "total_predicted_minutes": round(worklist["predicted_seconds"] / 60.0, 2),
             "total_minutes_high": round(worklist["high_seconds"] / 60.0, 2),
             "confidence": worklist["confidence"],
+            # The quantile `total_minutes_high` is at: `confidence`, raised after this site's overruns. A worklist
+            # served before the rule was at `confidence`.
+            "applied_confidence": worklist.get("applied_confidence", worklist["confidence"]),
             "total_value": float(sum(item["value"] for item in worklist["items"])),
             "time_model": worklist["time_model_source"],
             "interval_source": worklist["interval_source"],
             "unscored": worklist["unscored"],
         }
 
-    def _time_estimate(self, ids: list[str], scores: dict[str, dict], confidence: float) -> "TimeEstimate":
+    def _time_estimate(self, ids: list[str], scores: dict[str, dict], confidence: float, records: list[dict]) -> "TimeEstimate":
         """Median, expected, low and high seconds per stack. Medians: the time model on committee features;
         for stacks no model has seen, the median measured labeling time at this site, or
         `unscored_stack_minutes` before any is measured. Spread and bias: the log errors of what the app
-        predicted for the stacks it served before (`ichal.time_intervals`)."""
+        predicted for the stacks it served before (`records`, `ichal.time_intervals`)."""
         time_model = self.context.time_model()
-        records = self.context.label_times.read()
         features = np.array([[scores[i]["boundary_mm"], scores[i]["n_components"]] for i in ids if i in scores])
         predicted = iter(np.exp(time_model.predict_log(features)) if len(features) else [])
         measured = [r["seconds"] for r in records]
