@@ -229,13 +229,15 @@ def test_time_calibration_figures_on_a_made_up_run():
                 "log_error": {"picked_raw": picked_raw, "pool_raw": pool_raw, "picked_recalibrated": 0.1,
                               "pool_recalibrated": 0.0, "picked_abs_recalibrated": [0.2] * n},
                 "recalibration": {"empirical": False}}
+    # The second batch budgeted at a raised confidence; the first comes from a run before that rule (none recorded).
     rows = time_calibration([batch(300.0, 200.0, 100.0, 250.0, 2, 2, 1.0, 0.5),
-                             batch(100.0, 200.0, 100.0, 250.0, 1, 3, 0.7, 0.5)])
+                             batch(100.0, 200.0, 100.0, 250.0, 1, 3, 0.7, 0.5) | {"applied_confidence": 0.92}])
     assert len(rows) == 1
     row = rows[0]
     assert row["batch_error_raw"] == pytest.approx(np.median([2.0, 0.0]))
     assert row["batch_error"] == pytest.approx(np.median([0.5, -0.5]))
     assert row["over_budget"] == 0.5 and row["coverage"] == pytest.approx(3 / 5)
+    assert row["applied_confidence"] == pytest.approx(0.86)
     assert row["selection_effect_raw"] == pytest.approx(0.35) and row["selection_effect"] == pytest.approx(0.1)
 
 

@@ -192,9 +192,10 @@ def time_calibration(records: Sequence[dict]) -> list[dict]:
     (`raw`: the true-mask time model's mean on predicted masks, expected-value budget) and after
     (recalibrated medians, budget at the configured confidence). Per method, over its picked batches:
     median (true - predicted) / predicted of the batch total, share of batches whose true seconds exceed
-    the budget, per-stack interval coverage, median |log error| per stack, and the selection effect
-    (mean log error of the picked stacks minus that of all unlabeled stacks; > 0: picked ones are
-    under-predicted more than the pool)."""
+    the budget, the mean confidence the batch totals were budgeted at (the configured one raised after
+    earlier rounds' overruns; runs before that rule: the configured one), per-stack interval coverage, median
+    |log error| per stack, and the selection effect (mean log error of the picked stacks minus that of all
+    unlabeled stacks; > 0: picked ones are under-predicted more than the pool)."""
     rows = []
     by_method: dict[str, list[dict]] = {}
     for record in records:
@@ -211,6 +212,7 @@ def time_calibration(records: Sequence[dict]) -> list[dict]:
             "batch_error_raw": float(np.median((true - raw) / raw)),
             "batch_error": float(np.median((true - predicted) / predicted)),
             "over_budget": float(np.mean(true > np.array([b["budget"] for b in batches]))),
+            "applied_confidence": float(np.mean([b.get("applied_confidence") or b["budget_confidence"] for b in batches])),
             "coverage": sum(b["picked_in_interval"] for b in batches) / sum(b["n_picked"] for b in batches),
             "median_abs_log_error": float(np.median(np.concatenate([e["picked_abs_recalibrated"] for e in errors]))),
             "selection_effect_raw": float(np.mean([e["picked_raw"] - e["pool_raw"] for e in errors])),
@@ -222,13 +224,13 @@ def time_calibration(records: Sequence[dict]) -> list[dict]:
 
 def time_calibration_table(rows: Sequence[dict]) -> str:
     header = ["method", "batches (recalibrated)", "stacks", "batch (true-pred)/pred: before", "after",
-              "share of batches over budget", "per-stack interval coverage", "median abs log error",
+              "share of batches over budget", "mean applied confidence", "per-stack interval coverage", "median abs log error",
               "selection effect: before", "after"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([
             METHOD_LABELS.get(r["method"], r["method"]), f"{r['batches']} ({r['recalibrated_batches']})", str(r["stacks"]),
-            f"{r['batch_error_raw']:+.0%}", f"{r['batch_error']:+.0%}", f"{r['over_budget']:.0%}",
+            f"{r['batch_error_raw']:+.0%}", f"{r['batch_error']:+.0%}", f"{r['over_budget']:.0%}", f"{r['applied_confidence']:.3f}",
             f"{r['coverage']:.0%} (nominal {r['confidence']:.0%})", f"{r['median_abs_log_error']:.2f}",
             f"{r['selection_effect_raw']:+.2f}", f"{r['selection_effect']:+.2f}"]) + " |")
     return "\n".join(lines) + "\n"
