@@ -54,7 +54,7 @@ for seed_dir in sorted((run / "hours").glob("seed*")):
         if done:
             needed.add(seed_dir / method / f"round{done[-1]}.pt")
 shutil.rmtree(archive, ignore_errors=True)
-for path in [*run.rglob("*.json"), *run.glob("hours_*"), *needed]:
+for path in sorted({*run.rglob("*.json"), *run.glob("hours_*"), *needed}):  # hours_config.json matches both globs
     target = archive / path.relative_to(run)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(path, target)
