@@ -33,7 +33,7 @@ def pool_features(count: int, size: int, seed: int, model_path: Path | None = No
     true_features, predicted_features, seconds = [], [], []
     for stack in tqdm(generate_pool(count, size, seed), total=count, desc="pool", unit="stack"):
         spacing = tuple(float(s) for s in stack.spacing_mm)
-        found = mask_features(stack.label.astype(np.float32), spacing)
+        found = mask_features(stack.label.astype(np.float32), spacing, DEFAULT_CONFIG.feature_thresholds)
         true_features.append([found.boundary_mm, found.n_components])
         if model is not None:
             mean_prob = predict_stack(model, stack.image_hu, spacing).mean_prob
