@@ -191,10 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             for round_index in range(1, args.rounds + 1):
                 unlabeled = np.array([i for i in range(len(pool)) if i not in set(labeled_idx)])
                 raw_log = raw_log_all[unlabeled]
-                confidence = worklist_confidence(outcomes, config)
-                indices, medians, high_total, errors = budget_at_confidence(
+                indices, medians, high_total, confidence, errors = budget_at_confidence(
                     method, [scores[i] for i in unlabeled], raw_log, history, time_model.residual_std_, budget,
-                    confidence, config, [rep, m, round_index], rep * 1000 + round_index)
+                    worklist_confidence(outcomes, config), config, [rep, m, round_index], rep * 1000 + round_index)
                 batch = batch_record(rep, method, round_index, indices, medians, errors.mean_factor(), high_total,
                                      errors.interval(args.confidence), raw_log, raw_mean_factor, true_seconds[unlabeled],
                                      budget)

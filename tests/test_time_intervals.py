@@ -24,6 +24,7 @@ from ichal.time_intervals import (
     fit_log_error_model,
     recalibration_backtest,
     log_error_model,
+    select_within_budget_at_applied_confidence,
     select_within_budget_at_confidence,
     worklist_summary,
 )
@@ -298,3 +299,21 @@ def test_the_adaptive_confidence_brings_a_too_narrow_models_share_over_budget_do
 
     assert share_over(0.0) > 0.3
     assert abs(share_over(0.15) - 0.2) < 0.03
+
+
+def test_a_raised_confidence_that_fits_nothing_falls_back_to_the_asked_one():
+    """One stack whose 0.8-quantile fits the budget and whose 0.99-quantile does not: at the raised 0.99 nothing
+    would be served (and with no worklist labeled, the raise would never come down), so the asked 0.8 is used."""
+    errors = LogErrorModel(np.r_[np.zeros(17), np.full(3, 3.0)], fallback_std=0.0)
+    medians = np.array([60.0])
+    at = {level: batch_total_quantile(medians, errors, level, np.random.default_rng(0)) for level in (0.8, 0.99)}
+    budget = (at[0.8] + at[0.99]) / 2
+
+    def select(times, budget_seconds):
+        return np.flatnonzero(np.cumsum(times) <= budget_seconds)
+
+    assert not len(select_within_budget_at_confidence(select, medians, budget, errors, 0.99)[0])
+    picked, high, used = select_within_budget_at_applied_confidence(select, medians, budget, errors, 0.8, 0.99)
+    assert picked.tolist() == [0] and used == 0.8 and high == pytest.approx(at[0.8])
+    picked, _, used = select_within_budget_at_applied_confidence(select, medians, 10 * at[0.99], errors, 0.8, 0.99)
+    assert picked.tolist() == [0] and used == 0.99

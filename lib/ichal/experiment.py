@@ -50,7 +50,7 @@ from ichal.selection import (
     uncertainty_select,
 )
 from ichal.time_intervals import (BATCH_TAILS, CONFIDENCE_STEP, DEFAULT_BATCH_TAIL, LogErrorModel, applied_confidence,
-                                  confidence_offset, fit_log_error_model, select_within_budget_at_confidence)
+                                  confidence_offset, fit_log_error_model, select_within_budget_at_applied_confidence)
 from ichal.train import TrainItem, TrainSettings, train_ensemble
 from ichal.uncertainty import acft_scores, patch_scores, stack_uncertainty
 
@@ -313,23 +313,24 @@ def pick_time_errors(history: Sequence[dict], fallback_std: float) -> LogErrorMo
 
 
 def budget_at_confidence(method: str, scores: Sequence[StackScores], raw_log: np.ndarray, history: Sequence[dict],
-                         fallback_std: float, budget_seconds: float, confidence: float, config: ExperimentConfig,
-                         rng_seed: Sequence[int], draw_seed: int) -> tuple[np.ndarray, np.ndarray, float, LogErrorModel]:
+                         fallback_std: float, budget_seconds: float, applied: float, config: ExperimentConfig,
+                         rng_seed: Sequence[int], draw_seed: int) -> tuple[np.ndarray, np.ndarray, float, float, LogErrorModel]:
     """As the app budgets a worklist: the raw predicted log-seconds `raw_log` recalibrated on the earlier
     picks' errors, and `method`'s batch chosen so that its total stays within `budget_seconds` with
-    probability `confidence` (the applied one: `worklist_confidence`) under batch totals drawn with
-    `config.batch_tail`. Every trial selection draws from a fresh generator seeded with `rng_seed`, so a random
-    order stays the same while the time inflation is searched. Returns (indices, recalibrated median seconds of
-    every stack, the batch total's quantile, the error model)."""
+    probability `applied` (`worklist_confidence`; `config.budget_confidence` when nothing fits at `applied`)
+    under batch totals drawn with `config.batch_tail`. Every trial selection draws from a fresh generator seeded
+    with `rng_seed`, so a random order stays the same while the time inflation is searched. Returns (indices,
+    recalibrated median seconds of every stack, the batch total's quantile, the confidence it is at, the error
+    model)."""
     errors = dataclasses.replace(pick_time_errors(history, fallback_std), tail=config.batch_tail)
     medians = np.exp(errors.adjust(raw_log))
 
     def select(times: np.ndarray, budget: float) -> np.ndarray:
         return select_batch(method, scores, times, budget, np.random.default_rng(list(rng_seed)), config).indices
 
-    indices, _, high_total = select_within_budget_at_confidence(select, medians, budget_seconds, errors, confidence,
-                                                                seed=draw_seed)
-    return np.asarray(indices, dtype=int), medians, high_total, errors
+    indices, high_total, used = select_within_budget_at_applied_confidence(
+        select, medians, budget_seconds, errors, config.budget_confidence, applied, seed=draw_seed)
+    return np.asarray(indices, dtype=int), medians, high_total, used, errors
 
 
 def worklist_confidence(outcomes: Sequence[dict], config: ExperimentConfig) -> float:
@@ -494,7 +495,7 @@ class _Run:
                                    self.config).indices
             high_total = math.fsum(true_seconds[indices])
         else:
-            indices, medians, high_total, errors = budget_at_confidence(
+            indices, medians, high_total, confidence, errors = budget_at_confidence(
                 method, scores, raw_log, history, time_model.residual_std_, budget, confidence, self.config,
                 _rng_seed(seed, method, round_index), seed * 1000 + round_index)
         expected = medians * errors.mean_factor()

@@ -266,6 +266,29 @@ def select_within_budget_at_confidence(
     return best, best_factor, best_total
 
 
+def select_within_budget_at_applied_confidence(
+    select: Callable[[np.ndarray, float], np.ndarray],
+    median_seconds: np.ndarray,
+    budget_seconds: float,
+    errors: LogErrorModel,
+    confidence: float,
+    applied: float,
+    seed: int = 0,
+) -> tuple[np.ndarray, float, float]:
+    """`select_within_budget_at_confidence` at the `applied` confidence (`applied_confidence`); when nothing fits
+    there, at the asked `confidence`: the raise is caution learned from overruns, not a reason to serve nothing
+    that the asked confidence allows (measured: once raised, a site whose fit has a heavy tail could otherwise
+    get no worklist at all, and with no worklist labeled the raise never comes down). Returns (indices, the batch
+    total's quantile, the confidence it is at)."""
+    picked, _, total_high = select_within_budget_at_confidence(select, median_seconds, budget_seconds, errors, applied,
+                                                               seed=seed)
+    if len(picked) or applied <= confidence:
+        return picked, total_high, applied
+    picked, _, total_high = select_within_budget_at_confidence(select, median_seconds, budget_seconds, errors,
+                                                               confidence, seed=seed)
+    return picked, total_high, confidence
+
+
 def worklist_summary(at_serve: dict) -> dict:
     """A serve snapshot with its worklist's stacks reduced to their ids: what a time record keeps."""
     worklist = at_serve.get("worklist")

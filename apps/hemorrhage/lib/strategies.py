@@ -30,7 +30,7 @@ from ichal.selection import (
 )
 
 from ichal.time_intervals import (IntervalError, LogErrorModel, applied_confidence, batch_outcomes, check_confidence,
-                                  confidence_offset, log_error_model, select_within_budget_at_confidence)
+                                  confidence_offset, log_error_model, select_within_budget_at_applied_confidence)
 from .autolabel import MACHINE_TAG
 from .context import AppContext
 from .errors import client_error
@@ -203,15 +203,14 @@ class BudgetedStrategy(Strategy):
         def select(times: np.ndarray, budget: float) -> np.ndarray:
             return select_with_audits(times, budget, np.arange(len(audit_ids)), select_rest)
 
-        picked, _, total_high = select_within_budget_at_confidence(
-            select, estimate.median_seconds, asked.budget_seconds, estimate.errors, applied,
+        picked, total_high, applied = select_within_budget_at_applied_confidence(
+            select, estimate.median_seconds, asked.budget_seconds, estimate.errors, asked.confidence, applied,
             seed=self.context.settings.seed)
         if not len(picked):
             quickest = float(estimate.high_seconds.min()) / 60
-            raised = f" (raised to {applied:.2f}: earlier worklists overran their budgets)" if applied > asked.confidence else ""
             raise client_error(
-                f"no unlabeled stack fits a budget of {asked.budget_seconds / 60:.1f} min at confidence {asked.confidence}"
-                f"{raised}: the quickest may take up to {quickest:.1f} min; raise budget_minutes or lower confidence",
+                f"no unlabeled stack fits a budget of {asked.budget_seconds / 60:.1f} min at confidence {asked.confidence}: "
+                f"the quickest may take up to {quickest:.1f} min; raise budget_minutes or lower confidence",
                 status=422,
             )
         time_model_source = self.context.time_model().describe()["source"]
