@@ -22,7 +22,16 @@ from ichal.experiment import (
     protocol_data_config,
     run_protocol,
 )
-from ichal.experiment_hours import curve_band, hours_to_reach, p1_hours, p1_table, paired_ratio_interval
+from ichal.experiment_hours import (
+    curve_at_hours,
+    curve_band,
+    hours_to_reach,
+    matched_hours_differences,
+    p1_hours,
+    p1_table,
+    paired_mean_interval,
+    paired_ratio_interval,
+)
 
 MINI = ExperimentConfig(name="mini_hours", pool_count=12, test_count=3, size=32, rounds=2, members=2, iterations=4,
                         batch_size=4, hours_seed_fraction=0.25, hours_budget_fraction=0.15)
@@ -97,8 +106,10 @@ def test_hours_csv_has_a_row_per_seed_method_round_with_the_issue_columns(hours_
         if int(row["round"]) > 0:
             assert float(row["batch_true_seconds"]) == pytest.approx(record["picked_true_seconds"])
             assert float(row["batch_predicted_seconds"]) == pytest.approx(record["picked_predicted_seconds"])
-    assert (out / "hours_ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("hours_ap.png", "hours_gain.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cost_sensitive / uncertainty" in (out / "hours_p1.md").read_text()
+    assert "| cost_sensitive - uncertainty |" in (out / "hours_p1.md").read_text()
 
 
 def test_two_workers_resume_to_the_records_of_one_process(tmp_path, hours_run):
@@ -216,3 +227,38 @@ def test_curve_band_is_the_t_interval_over_seeds_and_never_extrapolates():
     half = student_t.ppf(0.975, 1) * np.std([0.4, 0.6], ddof=1) / np.sqrt(2)
     assert high[1:4] - mean[1:4] == pytest.approx([half] * 3)
     assert mean[1:4] - low[1:4] == pytest.approx([half] * 3)
+
+
+def test_curve_at_hours_interpolates_inside_and_is_nan_outside():
+    assert curve_at_hours([1.0, 2.0, 4.0], [0.4, 0.6, 0.7], 3.0) == pytest.approx(0.65)
+    assert math.isnan(curve_at_hours([1.0, 2.0], [0.4, 0.6], 2.5))
+    assert math.isnan(curve_at_hours([1.0, 2.0], [0.4, 0.6], 0.5))
+    assert math.isnan(curve_at_hours([1.0, 2.0], [float("nan")] * 2, 1.5))
+
+
+def test_paired_mean_interval_covers_the_mean_and_counts_positive_seeds():
+    result = paired_mean_interval([0.02, 0.03, 0.01, 0.04, 0.02])
+    assert result["mean"] == pytest.approx(0.024) and 0.0 < result["low"] < result["mean"] < result["high"]
+    assert result["positive"] == 5 and result["n"] == 5
+    mixed = paired_mean_interval([0.05, -0.04, 0.03, -0.05])
+    assert mixed["low"] < 0.0 < mixed["high"] and mixed["positive"] == 2
+    with pytest.raises(ValueError, match="one per seed"):
+        paired_mean_interval([0.1, float("nan")])
+
+
+def test_matched_hours_compare_on_the_hours_both_methods_covered():
+    records = []
+    for seed, lift in ((0, 0.05), (1, 0.03), (2, 0.04)):
+        # `cost_sensitive` spends 3 h and sits `lift` above `random` at every hour; `random` spends only 2 h,
+        # then rises steeply. Compared at 2 h (random's end), never at 3 h, where random has no point.
+        records += [_record("random", seed, r, h, ap) for r, (h, ap) in enumerate([(1, 0.4), (2, 0.5)])]
+        records += [_record("cost_sensitive", seed, r, h, ap + lift)
+                    for r, (h, ap) in enumerate([(1, 0.4), (2, 0.5), (3, 0.6)])]
+    result = matched_hours_differences(records, "pixel_ap", "cost_sensitive", "random")
+    assert result["hours"] == {0: 2.0, 1: 2.0, 2: 2.0}
+    assert result["at_end"]["mean"] == pytest.approx(0.04) and result["at_end"]["positive"] == 3
+    assert result["mean_over_hours"]["mean"] == pytest.approx(0.04)
+    reverse = matched_hours_differences(records, "pixel_ap", "random", "cost_sensitive")
+    assert reverse["at_end"]["mean"] == pytest.approx(-0.04) and reverse["at_end"]["high"] < 0.0
+    assert matched_hours_differences(records, "pixel_ap", "cost_sensitive", "uncertainty") == {}
+    assert "| cost_sensitive - random | +0.040" in p1_table(records, {})

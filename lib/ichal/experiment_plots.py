@@ -275,7 +275,8 @@ def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> Non
     """OUT/<protocol>_results.csv, OUT/<protocol>_ap.png and OUT/<protocol>_table.md from the records;
     for the cost and per-hour protocols also OUT/<protocol>_time_calibration.md (`time_calibration`); for the
     per-hour protocol the CSV has HOURS_CSV_COLUMNS, the plot is against true hours with 95% intervals
-    (`ichal.experiment_hours.plot_hours_curves`) and OUT/hours_p1.md holds P1 (`p1_table`)."""
+    (`ichal.experiment_hours.plot_hours_curves`; OUT/hours_gain.png the same as gains over each seed's seed set)
+    and OUT/hours_p1.md holds P1 and the AP differences at equal hours (`p1_table`)."""
     from ichal.experiment_hours import p1_table, plot_hours_curves
 
     if not records:
@@ -285,6 +286,7 @@ def write_report(protocol: str, out: str | Path, records: Sequence[dict]) -> Non
     summary = summarize(records)
     if protocol == "hours":
         plot_hours_curves(records, out / "hours_ap.png", METHOD_LABELS)
+        plot_hours_curves(records, out / "hours_gain.png", METHOD_LABELS, gain=True)
         atomic_write_bytes(out / "hours_p1.md", p1_table(records, METHOD_LABELS).encode())
     else:
         plot_curves(protocol, summary, out / f"{protocol}_ap.png")
