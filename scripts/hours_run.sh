@@ -8,6 +8,7 @@
 #                                            # the background (log: out/hours_run.log); no task starts after
 #                                            # MINUTES, started ones finish (a chain of 5 rounds: ~20 min)
 #   bash scripts/hours_run.sh save           # copy what finished back into docs/results/hours/run (commit it)
+#   bash scripts/hours_run.sh restore        # only restore the archive into out/hours_run (for --report-only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_COMMIT=ae6aa21  # the code every cell of this run computes with
@@ -16,14 +17,22 @@ RUN=$PWD/out/hours_run
 ARCHIVE=$PWD/docs/results/hours/run
 CODE=$PWD/out/hours_code
 
+restore() {
+    mkdir -p "$RUN"
+    if [ -d "$ARCHIVE" ]; then cp -rn "$ARCHIVE/." "$RUN/"; fi
+}
+
 case "${1:-}" in
+restore)
+    restore
+    echo "restored $ARCHIVE into $RUN"
+    ;;
 start)
     minutes=${2:?"usage: $0 start MINUTES"}
     python_bin=$(bash scripts/env.sh)/bin/python
     [ -d "$CODE" ] || git worktree add --detach "$CODE" "$RUN_COMMIT" >/dev/null
     [ "$(git -C "$CODE" rev-parse --short=7 HEAD)" = "$RUN_COMMIT" ] || { echo "$CODE is not at $RUN_COMMIT" >&2; exit 1; }
-    mkdir -p "$RUN"
-    [ -d "$ARCHIVE" ] && cp -rn "$ARCHIVE/." "$RUN/"
+    restore
     resume=$([ -f "$RUN/hours_config.json" ] && echo --resume || true)
     cd "$CODE"
     export PYTHONPATH=$CODE/lib OMP_NUM_THREADS=1
@@ -63,7 +72,7 @@ print(f"{archive}: {records} cell records, {len(needed)} checkpoints kept for re
 EOF
     ;;
 *)
-    echo "usage: $0 start MINUTES | save" >&2
+    echo "usage: $0 start MINUTES | save | restore" >&2
     exit 2
     ;;
 esac
