@@ -41,9 +41,10 @@ from ichal.selection import Selection, knapsack_select, random_select, uncertain
 from ichal.uncertainty import patch_scores, stack_uncertainty
 
 CANDIDATES = ("top_k_mean_js", "sum_patch_js", "sum_voxel_js", "max_patch_js", "sum_js_on_predicted_bleed",
-              "expected_error_mass")
+              "expected_error_mass", "expected_bleed_voxels", "js_weighted_by_probability")
 TARGETS = ("error_mass", "missed_bleed_mass", "bleed_voxels")
 RANDOM_DRAWS = 200
+TIME_EXPONENTS = (0.5, 1.0)
 
 
 def stack_rows(config: ExperimentConfig, data: Data, model: EnsembleModel, seed_ids: set[str], seed: int) -> list[dict]:
@@ -67,6 +68,10 @@ def stack_rows(config: ExperimentConfig, data: Data, model: EnsembleModel, seed_
             # committee expects of itself (E|p - y| = 2p(1 - p) if y ~ Bernoulli(p)).
             "sum_js_on_predicted_bleed": float(prediction.js[prediction.mean_prob >= 0.5].sum()),
             "expected_error_mass": float((2 * prediction.mean_prob * (1 - prediction.mean_prob)).sum()),
+            # How much bleed the committee expects (sum of p), and its disagreement weighted by it: what a
+            # labeler could show it of bleed, if the round-1 batches' AP follows their true bleed.
+            "expected_bleed_voxels": float(prediction.mean_prob.sum()),
+            "js_weighted_by_probability": float((prediction.js * prediction.mean_prob).sum()),
             "error_mass": float(error.sum()), "missed_bleed_mass": float(error[label].sum()),
         })
     return rows
@@ -98,12 +103,18 @@ def batch_holdings(rows: list[dict], selection: Selection) -> dict[str, float]:
 def simulated_batches(rows: list[dict], budget_seconds: float, seed: int) -> dict[str, dict[str, float]]:
     """One round's batch under `budget_seconds` of TRUE seconds: the knapsack on each candidate value, the
     uniform-cost top-V (`uncertainty`), the knapsack on the committee's real missed bleed (the value a
-    pixel-level learner would want; knowable only with the labels) and the mean of RANDOM_DRAWS random batches."""
+    pixel-level learner would want; knowable only with the labels), the knapsack on V x seconds^gamma for
+    TIME_EXPONENTS, and the mean of RANDOM_DRAWS random batches."""
     seconds = np.array([r["true_seconds"] for r in rows])
     values = {name: np.array([r[name] for r in rows]) for name in (*CANDIDATES, "missed_bleed_mass")}
     batches = {f"knapsack {name}": batch_holdings(rows, knapsack_select(value, seconds, budget_seconds,
                                                                          CONFIGS["hours"].knapsack_resolution_seconds))
                for name, value in values.items()}
+    # V times seconds^gamma: a value that grows with the stack's labeling time (gamma 1: the knapsack ranks by V
+    # itself, as the uniform-cost learner does, but fills the budget exactly).
+    for gamma in TIME_EXPONENTS:
+        batches[f"knapsack top_k_mean_js x seconds^{gamma}"] = batch_holdings(rows, knapsack_select(
+            values["top_k_mean_js"] * seconds**gamma, seconds, budget_seconds, CONFIGS["hours"].knapsack_resolution_seconds))
     batches["uncertainty (top V, uniform cost)"] = batch_holdings(
         rows, uncertainty_select(values["top_k_mean_js"], seconds, budget_seconds))
     draws = [batch_holdings(rows, random_select(seconds, budget_seconds, np.random.default_rng([seed, k])))
