@@ -238,6 +238,9 @@ def test_time_calibration_figures_on_a_made_up_run():
     row = rows[0]
     assert row["batch_error_raw"] == pytest.approx(np.median([2.0, 0.0]))
     assert row["batch_error"] == pytest.approx(np.median([0.5, -0.5]))
+    assert row["batches_within"] == 0.0  # both batches 50% off
+    close = time_calibration([batch(205.0, 200.0, 100.0, 250.0, 2, 2, 1.0, 0.5), batch(300.0, 200.0, 100.0, 250.0, 2, 2, 1.0, 0.5)])
+    assert close[0]["batches_within"] == 0.5
     assert row["over_budget"] == 0.5 and row["coverage"] == pytest.approx(3 / 5)
     assert row["applied_confidence"] == pytest.approx(0.86)
     assert row["selection_effect_raw"] == pytest.approx(0.35) and row["selection_effect"] == pytest.approx(0.1)
