@@ -200,8 +200,11 @@ def test_p1_hours_use_each_seeds_own_whole_pool_target():
     assert hours["cost_sensitive"][0] == pytest.approx(2.6)  # target 0.76
     assert hours["cost_sensitive"][1] == pytest.approx(1.35)  # target 0.57
     assert hours["random"][0] == math.inf and hours["random"][1] == math.inf
-    table = p1_table(records, {})
+    table = p1_table(records, {}, fractions=(0.95,))
     assert "2/2 reached" in table and "0/2 reached" in table
+    # At a lower target random reaches seed 1 (0.51 at 1.1 h) but not seed 0 (0.68).
+    lower = p1_table(records, {}, fractions=(0.95, 0.85)).split("Target: ")
+    assert len(lower) == 3 and lower[2].startswith("85%") and "1/2 reached" in lower[2] and "1/2 reached" not in lower[1]
 
 
 def test_paired_ratio_interval_of_median_hours():

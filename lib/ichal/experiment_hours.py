@@ -26,6 +26,9 @@ from ichal.experiment_plots import save_png  # noqa: E402
 CURVE_LEVELS = ("pixel_ap", "frame_ap", "stack_ap", "dice")
 P1_LEVELS = ("pixel_ap", "stack_ap")
 P1_FRACTION = 0.95
+# A lower target, reported beside the issue's 95%: on the run, most seeds never reached 95% of the whole pool's pixel
+# AP within 5 rounds, which leaves the median ratios undefined; 85% is reached by most seeds of every method.
+P1_LOWER_FRACTION = 0.85
 P1_RATIOS = (("cost_sensitive", "random"), ("cost_sensitive", "uncertainty"), ("cost_sensitive", "foreground_random"))
 # Pairs compared at equal hours: P1's, the uniform-cost learner against random (C3's second step), and the knapsack
 # on true seconds against the uniform-cost learner (does the value measure buy more per hour given exact times?).
@@ -268,29 +271,35 @@ def _ratio_text(interval: dict[str, float]) -> str:
     return text + (f" ({interval['undefined']:.0%} of replicates undefined)" if interval["undefined"] else "")
 
 
-def p1_table(records: Sequence[dict], labels: dict[str, str]) -> str:
-    """Markdown: per method the true hours to reach 95% of the whole-pool committee's pixel and stack AP
-    (seeds reaching it, median [range] of the hours), then the paired-bootstrap ratios of P1_RATIOS."""
-    hours = {level: p1_hours(records, level) for level in P1_LEVELS}
-    lines = [f"Target: {P1_FRACTION:.0%} of each seed's whole-pool committee AP. Hours: true labeled hours at the "
-             "first crossing (linear between rounds); a seed that never reaches it counts as infinitely many "
-             "hours (median: 'not reached' when half the seeds or more did not).", "",
-             "| method | " + " | ".join(f"{level.replace('_ap', ' AP')}: hours to target" for level in P1_LEVELS) + " |",
-             "|---|" + "---|" * len(P1_LEVELS)]
-    for method in sorted(hours[P1_LEVELS[0]]):
-        lines.append(f"| {labels.get(method, method)} | "
-                     + " | ".join(_hours_text(hours[level][method]) for level in P1_LEVELS) + " |")
-    lines += ["", "| ratio of median hours (95% paired bootstrap over seeds) | "
-              + " | ".join(level.replace("_ap", " AP") for level in P1_LEVELS) + " |", "|---|" + "---|" * len(P1_LEVELS)]
-    for top, bottom in P1_RATIOS:
-        cells = []
-        for level in P1_LEVELS:
-            a, b = hours[level].get(top, {}), hours[level].get(bottom, {})
-            seeds = sorted(set(a) & set(b))
-            cells.append(_ratio_text(paired_ratio_interval([a[s] for s in seeds], [b[s] for s in seeds]))
-                         if seeds else "-")
-        lines.append(f"| {top} / {bottom} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + matched_hours_table(records)
+def p1_table(records: Sequence[dict], labels: dict[str, str],
+             fractions: Sequence[float] = (P1_FRACTION, P1_LOWER_FRACTION)) -> str:
+    """Markdown: for each target fraction, per method the true hours to reach that fraction of the whole-pool
+    committee's pixel and stack AP (seeds reaching it, median [range] of the hours) and the paired-bootstrap
+    ratios of P1_RATIOS; then the AP differences at equal hours (`matched_hours_table`)."""
+    sections = []
+    for fraction in fractions:
+        hours = {level: p1_hours(records, level, fraction) for level in P1_LEVELS}
+        lines = [f"Target: {fraction:.0%} of each seed's whole-pool committee AP. Hours: true labeled hours at the "
+                 "first crossing (linear between rounds); a seed that never reaches it counts as infinitely many "
+                 "hours (median: 'not reached' when half the seeds or more did not).", "",
+                 "| method | " + " | ".join(f"{level.replace('_ap', ' AP')}: hours to {fraction:.0%}" for level in P1_LEVELS)
+                 + " |", "|---|" + "---|" * len(P1_LEVELS)]
+        for method in sorted(hours[P1_LEVELS[0]]):
+            lines.append(f"| {labels.get(method, method)} | "
+                         + " | ".join(_hours_text(hours[level][method]) for level in P1_LEVELS) + " |")
+        lines += ["", f"| ratio of median hours to {fraction:.0%} (95% paired bootstrap over seeds) | "
+                  + " | ".join(level.replace("_ap", " AP") for level in P1_LEVELS) + " |",
+                  "|---|" + "---|" * len(P1_LEVELS)]
+        for top, bottom in P1_RATIOS:
+            cells = []
+            for level in P1_LEVELS:
+                a, b = hours[level].get(top, {}), hours[level].get(bottom, {})
+                seeds = sorted(set(a) & set(b))
+                cells.append(_ratio_text(paired_ratio_interval([a[s] for s in seeds], [b[s] for s in seeds]))
+                             if seeds else "-")
+            lines.append(f"| {top} / {bottom} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines) + "\n")
+    return "\n".join(sections) + "\n" + matched_hours_table(records)
 
 
 def _difference_text(interval: dict[str, float]) -> str:
