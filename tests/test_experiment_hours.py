@@ -202,7 +202,7 @@ def test_p1_hours_use_each_seeds_own_whole_pool_target():
     assert hours["random"][0] == math.inf and hours["random"][1] == math.inf
     table = p1_table(records, {}, fractions=(0.95,))
     assert "2/2 reached" in table and "0/2 reached" in table
-    # At a lower target random reaches seed 1 (0.51 at 1.1 h) but not seed 0 (0.68).
+    # At a lower target random reaches seed 1 (0.51 at 1.2 h) but not seed 0 (0.68).
     lower = p1_table(records, {}, fractions=(0.95, 0.85)).split("Target: ")
     assert len(lower) == 3 and lower[2].startswith("85%") and "1/2 reached" in lower[2] and "1/2 reached" not in lower[1]
 

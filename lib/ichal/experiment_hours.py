@@ -271,35 +271,36 @@ def _ratio_text(interval: dict[str, float]) -> str:
     return text + (f" ({interval['undefined']:.0%} of replicates undefined)" if interval["undefined"] else "")
 
 
+def _p1_section(records: Sequence[dict], labels: dict[str, str], fraction: float) -> str:
+    """Markdown: per method the true hours to reach `fraction` of the whole-pool committee's pixel and stack AP
+    (seeds reaching it, median [range] of the hours), then the paired-bootstrap ratios of P1_RATIOS."""
+    hours = {level: p1_hours(records, level, fraction) for level in P1_LEVELS}
+    lines = [f"Target: {fraction:.0%} of each seed's whole-pool committee AP. Hours: true labeled hours at the "
+             "first crossing (linear between rounds); a seed that never reaches it counts as infinitely many "
+             "hours (median: 'not reached' when half the seeds or more did not).", "",
+             "| method | " + " | ".join(f"{level.replace('_ap', ' AP')}: hours to {fraction:.0%}" for level in P1_LEVELS)
+             + " |", "|---|" + "---|" * len(P1_LEVELS)]
+    for method in sorted(hours[P1_LEVELS[0]]):
+        lines.append(f"| {labels.get(method, method)} | "
+                     + " | ".join(_hours_text(hours[level][method]) for level in P1_LEVELS) + " |")
+    lines += ["", f"| ratio of median hours to {fraction:.0%} (95% paired bootstrap over seeds) | "
+              + " | ".join(level.replace("_ap", " AP") for level in P1_LEVELS) + " |", "|---|" + "---|" * len(P1_LEVELS)]
+    for top, bottom in P1_RATIOS:
+        cells = []
+        for level in P1_LEVELS:
+            a, b = hours[level].get(top, {}), hours[level].get(bottom, {})
+            seeds = sorted(set(a) & set(b))
+            cells.append(_ratio_text(paired_ratio_interval([a[s] for s in seeds], [b[s] for s in seeds]))
+                         if seeds else "-")
+        lines.append(f"| {top} / {bottom} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def p1_table(records: Sequence[dict], labels: dict[str, str],
              fractions: Sequence[float] = (P1_FRACTION, P1_LOWER_FRACTION)) -> str:
-    """Markdown: for each target fraction, per method the true hours to reach that fraction of the whole-pool
-    committee's pixel and stack AP (seeds reaching it, median [range] of the hours) and the paired-bootstrap
-    ratios of P1_RATIOS; then the AP differences at equal hours (`matched_hours_table`)."""
-    sections = []
-    for fraction in fractions:
-        hours = {level: p1_hours(records, level, fraction) for level in P1_LEVELS}
-        lines = [f"Target: {fraction:.0%} of each seed's whole-pool committee AP. Hours: true labeled hours at the "
-                 "first crossing (linear between rounds); a seed that never reaches it counts as infinitely many "
-                 "hours (median: 'not reached' when half the seeds or more did not).", "",
-                 "| method | " + " | ".join(f"{level.replace('_ap', ' AP')}: hours to {fraction:.0%}" for level in P1_LEVELS)
-                 + " |", "|---|" + "---|" * len(P1_LEVELS)]
-        for method in sorted(hours[P1_LEVELS[0]]):
-            lines.append(f"| {labels.get(method, method)} | "
-                         + " | ".join(_hours_text(hours[level][method]) for level in P1_LEVELS) + " |")
-        lines += ["", f"| ratio of median hours to {fraction:.0%} (95% paired bootstrap over seeds) | "
-                  + " | ".join(level.replace("_ap", " AP") for level in P1_LEVELS) + " |",
-                  "|---|" + "---|" * len(P1_LEVELS)]
-        for top, bottom in P1_RATIOS:
-            cells = []
-            for level in P1_LEVELS:
-                a, b = hours[level].get(top, {}), hours[level].get(bottom, {})
-                seeds = sorted(set(a) & set(b))
-                cells.append(_ratio_text(paired_ratio_interval([a[s] for s in seeds], [b[s] for s in seeds]))
-                             if seeds else "-")
-            lines.append(f"| {top} / {bottom} | " + " | ".join(cells) + " |")
-        sections.append("\n".join(lines) + "\n")
-    return "\n".join(sections) + "\n" + matched_hours_table(records)
+    """Markdown: the P1 section (`_p1_section`) of each target fraction, then the AP differences at equal hours
+    (`matched_hours_table`)."""
+    return "\n".join(_p1_section(records, labels, fraction) for fraction in fractions) + "\n" + matched_hours_table(records)
 
 
 def _difference_text(interval: dict[str, float]) -> str:
